@@ -1,0 +1,60 @@
+"""Checkpoints: tensors and plain data only, loaded with ``torch.load(weights_only=True)``.
+
+A checkpoint records everything needed to rebuild and check the model of a step::
+
+    {"format": "incdet", "version": 1, "step": t, "class_order": [ids], "steps": [[ids], ...],
+     "names": {"id": name}, "head_layout": [K_0, ..., K_t], "config": {...}, "model": state_dict,
+     "history": [metrics summary of steps <= t], "train_state": {...} or None}
+
+``train_state`` (optimizer, scheduler, iteration, RNG states) is present only in the rolling
+``last.pt`` of an unfinished step, for ``--resume``.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from incdet.errors import UserError
+from incdet.io import atomic_torch_save
+
+FORMAT = "incdet"
+VERSION = 1
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
+    atomic_torch_save(path, dict(payload, format=FORMAT, version=VERSION))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a data-only checkpoint; anything else is refused with a clear message."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; train that step first or fix the path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused to load: the file is not a data-only checkpoint "
+                        f"({str(e).splitlines()[0]}); only load checkpoints you trust, written by "
+                        "incdet") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]}); the file is "
+                        "damaged or not a checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path}: not an incdet checkpoint")
+    return ckpt
+
+
+def check_compatible(ckpt: dict, path: str | os.PathLike, class_order: list[int],
+                     steps: list[list[int]], step: int) -> None:
+    """Raise if a checkpoint does not belong to this experiment at ``step``."""
+    if ckpt["step"] != step:
+        raise UserError(f"{path}: checkpoint is of step {ckpt['step']}, expected step {step}")
+    n = sum(len(s) for s in steps[:step + 1])
+    if list(ckpt["class_order"])[:n] != list(class_order)[:n] or \
+            [list(s) for s in ckpt["steps"][:step + 1]] != [list(s) for s in steps[:step + 1]]:
+        raise UserError(f"{path}: checkpoint was trained with another class order or split "
+                        f"({ckpt['steps'][:step + 1]} vs {steps[:step + 1]}); use the config it "
+                        "was trained with or a fresh work directory")

@@ -1,0 +1,207 @@
+"""Configuration: defaults in one place, YAML files with one level of ``_base_``, dotted overrides.
+
+A config file only needs the keys it changes. Every key must exist in :data:`DEFAULTS`; an unknown
+(for example misspelled) key is a :class:`~incdet.errors.UserError` that names the key and the file.
+``--set a.b=value`` overrides are parsed as YAML scalars (``5``, ``0.1``, ``null``, ``[1, 2]``).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from incdet.errors import UserError
+
+# Default values for every key. A value that is a dict here is a section: the user's value for it
+# must be a dict too, and its keys are checked. Anything else is a leaf and may take any YAML value.
+DEFAULTS: dict[str, Any] = {
+    "data": {
+        "format": "coco",  # coco | voc
+        "root": "data/shapes",  # other data paths are relative to it (and it to the config file)
+        "train": {"images": "images/train", "annotations": "annotations/train.json"},
+        "val": {"images": "images/val", "annotations": "annotations/val.json"},
+        # Generate the built-in dataset at `root` when it is missing (null: never generate).
+        "synthetic": {"generate": True, "num_train": 2000, "num_val": 300, "image_size": 128,
+                      "seed": 0},
+        "val_max_images": None,  # evaluate on the first N validation images only (null: all)
+    },
+    "split": "5+5",  # "40+40", "40+10x4", or a list of steps (lists of category ids or names)
+    "class_order": None,  # null: ascending category id; or a list of ids / names
+    "model": {
+        "backbone": "mobilenet_v3_large",  # resnet18 | resnet34 | resnet50 | mobilenet_v3_large
+        "weights": None,  # null | torchvision weights name (local cache only) | path to a file
+        "trainable_layers": 5,  # backbone stages trained when weights are given (0-5)
+        "norm": "auto",  # auto (frozen with weights, else batchnorm) | batchnorm | groupnorm | frozen
+        "fpn_channels": 64,
+        "head_convs": 2,
+        "head_norm": "groupnorm",  # groupnorm | none
+        "anchor_sizes": [16, 32, 64, 128, 256],  # one base size per FPN level P3..P7
+        "anchor_scales": 3,  # octave scales per level: size * 2**(i/n), i < n
+        "aspect_ratios": [0.5, 1.0, 2.0],
+        "min_size": 128,
+        "max_size": 128,
+        "score_thresh": 0.05,
+        "nms_thresh": 0.5,
+        "detections_per_img": 100,
+        "topk_candidates": 1000,
+        "prior_probability": 0.01,
+    },
+    "augment": {
+        "hflip": 0.5,  # probability
+        "scale": [0.75, 1.25],  # scale jitter range (null: off)
+        "scale_p": 0.5,
+        "crop_p": 0.3,  # probability of a random crop that keeps every box
+        "brightness_contrast_p": 0.5,
+        "brightness": 0.2,
+        "contrast": 0.2,
+    },
+    "loss": {
+        "box": "giou",  # giou | l1 | smooth_l1
+        "focal_alpha": 0.25,
+        "focal_gamma": 2.0,
+        "weights": {"loss_cls": 1.0, "loss_box": 1.0},
+    },
+    "train": {
+        "epochs": 12,
+        "max_iters": None,  # stop after this many iterations (overrides epochs when set)
+        "batch_size": 8,
+        "optimizer": "sgd",  # sgd | adamw
+        "lr": 0.02,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "schedule": "cosine",  # cosine | step
+        "lr_steps": [0.67, 0.89],  # step schedule: fractions of the run at which lr *= lr_gamma
+        "lr_gamma": 0.1,
+        "warmup_iters": 300,
+        "warmup_factor": 0.001,
+        "grad_clip": 10.0,  # max gradient norm (null: off)
+        "seed": 0,
+        "num_workers": 2,
+        "threads": None,  # torch intra-op threads (null: torch's default)
+        "device": "auto",  # auto | cpu | cuda | cuda:N
+        "log_every": 20,
+    },
+    "eval": {"batch_size": 16},
+    "incremental": {"method": "incdet"},  # incdet | finetune | joint
+    "memory": {"budget": 100},
+}
+
+
+def _check_keys(cfg: dict, ref: dict, source: str, prefix: str = "") -> None:
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        if key not in ref:
+            known = ", ".join(sorted(ref))
+            raise UserError(f"{source}: unknown config key '{dotted}' (known keys here: {known})")
+        if isinstance(ref[key], dict):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: config key '{dotted}' must be a mapping, got {value!r}")
+            _check_keys(value, ref[key], source, dotted + ".")
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read config file ({e.strerror}); check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=0.1"`` -> ``("train.lr", 0.1)``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, for example train.max_iters=5")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_override(cfg: dict, key: str, value: Any) -> None:
+    node, ref = cfg, DEFAULTS
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(ref, dict) or part not in ref:
+            raise UserError(f"--set {key}: unknown config key '{'.'.join(parts[:i + 1])}'")
+        if i == len(parts) - 1:
+            if isinstance(ref[part], dict) and not isinstance(value, dict):
+                raise UserError(f"--set {key}: '{key}' is a section; set one of its keys")
+            if isinstance(value, dict):
+                _check_keys(value, ref[part], "--set", key + ".")
+                node[part] = _merge(node.get(part, {}), value)
+            else:
+                node[part] = value
+        else:
+            node, ref = node.setdefault(part, {}), ref[part]
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> dict:
+    """Resolve a config: defaults <- ``_base_`` file <- the file <- overrides.
+
+    ``data.root`` is made absolute relative to the directory of the file that set it, so that a
+    config works from any working directory. The result carries ``_source`` (the file path).
+    """
+    cfg = copy.deepcopy(DEFAULTS)
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        user = _read_yaml(path)
+        layers = []
+        base = user.pop("_base_", None)
+        if base is not None:
+            base_path = (path.parent / base).resolve()
+            base_cfg = _read_yaml(base_path)
+            if "_base_" in base_cfg:
+                raise UserError(f"{base_path}: only one level of _base_ is supported; "
+                                "merge the chain into one base file")
+            layers.append((base_path, base_cfg))
+        layers.append((path, user))
+        for layer_path, layer in layers:
+            _check_keys(layer, DEFAULTS, str(layer_path))
+            root = layer.get("data", {}).get("root")
+            if isinstance(root, str) and not os.path.isabs(root):
+                layer = _merge(layer, {"data": {"root": str((layer_path.parent / root).resolve())}})
+            cfg = _merge(cfg, layer)
+        source = str(path)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        apply_override(cfg, key, value)
+    cfg["data"]["root"] = str(Path(cfg["data"]["root"]).resolve())
+    cfg["_source"] = source
+    return cfg
+
+
+def dump_config(cfg: dict, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomic)."""
+    from incdet.io import atomic_write_text
+
+    clean = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    atomic_write_text(path, yaml.safe_dump(clean, sort_keys=False))
+
+
+def strip_private(cfg: dict) -> dict:
+    """The config without keys starting with ``_`` (what is saved in checkpoints)."""
+    return {k: copy.deepcopy(v) for k, v in cfg.items() if not k.startswith("_")}

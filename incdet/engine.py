@@ -1,0 +1,166 @@
+"""The training loop: optimizer, warm-up + cosine/step schedule, logging, non-finite checks.
+
+``train`` is method-agnostic: it calls ``loss_fn(images, targets) -> dict[str, Tensor]`` (keys
+``loss_*``) and minimises the weighted sum with weights from ``loss.weights``. Each loss term is
+logged raw and weighted to TensorBoard (every ``train.log_every`` iterations) and as one JSON line
+per epoch in ``log.jsonl``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from incdet.errors import UserError
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device: {name!r} requested but CUDA is not available; use auto "
+                        "or cpu")
+    return torch.device(name)
+
+
+def build_optimizer(model: torch.nn.Module, tcfg: dict) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]  # biases and norm weights: no weight decay
+    groups = [{"params": decay, "weight_decay": tcfg["weight_decay"]},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if tcfg["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=tcfg["lr"], momentum=tcfg["momentum"])
+    if tcfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=tcfg["lr"])
+    raise UserError(f"train.optimizer: {tcfg['optimizer']!r} is not one of sgd, adamw")
+
+
+def lr_factor(it: int, total: int, tcfg: dict) -> float:
+    """Learning-rate multiplier at iteration ``it`` of ``total``: linear warm-up from
+    ``warmup_factor``, then cosine to 0 or steps of ``lr_gamma`` at fractions ``lr_steps``."""
+    warm = min(int(tcfg["warmup_iters"]), max(total - 1, 0))
+    if it < warm:
+        alpha = it / warm
+        return tcfg["warmup_factor"] * (1 - alpha) + alpha
+    if tcfg["schedule"] == "cosine":
+        span = max(total - warm, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(it - warm, span) / span))
+    if tcfg["schedule"] == "step":
+        return tcfg["lr_gamma"] ** sum(it >= f * total for f in tcfg["lr_steps"])
+    raise UserError(f"train.schedule: {tcfg['schedule']!r} is not one of cosine, step")
+
+
+def build_scheduler(optimizer, tcfg: dict, total: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, tcfg))
+
+
+def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    missing = [k for k in losses if k not in weights]
+    if missing:
+        raise KeyError(f"no weight configured for loss terms {missing}")
+    return sum(weights[k] * v for k, v in losses.items())
+
+
+@dataclass
+class TrainResult:
+    iterations: int = 0
+    seconds: float = 0.0
+    images: int = 0
+    epochs: list[dict] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, scheduler, tcfg: dict,
+          weights: dict[str, float], total_iters: int, device, log_dir: Path, writer=None,
+          start_iter: int = 0, start_epoch: int = 0, on_epoch_end: Callable | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train until ``total_iters`` iterations; returns counts and timing of this call.
+
+    ``on_epoch_end(epoch, iteration)`` is called after every epoch (checkpointing). A non-finite
+    loss raises :class:`UserError` with every loss term in the message; nothing is saved for the
+    failing iteration, so the last checkpoint stays the last good one.
+    """
+    result = TrainResult()
+    it, epoch = start_iter, start_epoch
+    clip = tcfg.get("grad_clip")
+    log_every = max(1, int(tcfg["log_every"]))
+    bar = tqdm(total=total_iters, initial=it, desc="training", disable=not progress,
+               dynamic_ncols=True)
+    t_start = time.perf_counter()
+    while it < total_iters:
+        model.train()
+        sums: dict[str, float] = {}
+        n_batches, t_epoch, epoch_images = 0, time.perf_counter(), 0
+        for images, targets in loader:
+            images = [img.to(device, non_blocking=True) for img in images]
+            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
+                       for t in targets]
+            losses = loss_fn(images, targets)
+            total = weighted_total(losses, weights)
+            if not torch.isfinite(total):
+                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                raise UserError(f"non-finite loss at iteration {it} ({terms}); training stopped "
+                                "and the last good checkpoint is kept: lower train.lr or "
+                                "check the data")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], float(clip))
+            optimizer.step()
+            scheduler.step()
+            it += 1
+            n_batches += 1
+            epoch_images += len(images)
+            values = {k: v.item() for k, v in losses.items()}
+            values["loss"] = total.item()
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if writer is not None and it % log_every == 0:
+                for k, v in losses.items():
+                    writer.add_scalar(f"train_raw/{k}", values[k], it)
+                    writer.add_scalar(f"train_weighted/{k}", weights[k] * values[k], it)
+                writer.add_scalar("train/loss", values["loss"], it)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], it)
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2g}")
+            if it >= total_iters:
+                break
+        seconds = time.perf_counter() - t_epoch
+        result.images += epoch_images
+        if n_batches == 0:
+            raise UserError("the training set is empty; check the split and the annotations")
+        line = {"epoch": epoch, "iteration": it, "lr": optimizer.param_groups[0]["lr"],
+                "seconds": round(seconds, 2),
+                "images_per_second": round(epoch_images / max(seconds, 1e-9), 2)}
+        line.update({f"{k}": round(v / n_batches, 5) for k, v in sums.items()})
+        line.update({f"{k}_weighted": round(weights[k] * v / n_batches, 5)
+                     for k, v in sums.items() if k != "loss"})
+        result.epochs.append(line)
+        with open(log_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        epoch += 1
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, it)
+    bar.close()
+    result.iterations = it - start_iter
+    result.seconds = time.perf_counter() - t_start
+    return result

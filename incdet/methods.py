@@ -1,0 +1,93 @@
+"""What differs between the incremental methods, and nothing else.
+
+* ``incdet``: the student is the previous model with its head grown by the new classes; the
+  focal loss is masked to each image's label space (the new classes) and a frozen teacher (the
+  previous model) distils old-class logits and box deltas (:mod:`incdet.distill`).
+* ``finetune``: the same grown student, plain focal loss over every seen class (unlabelled old
+  objects become background), no teacher: the lower bound.
+* ``joint``: a fresh model trained on every seen class's annotations: the upper bound.
+
+At step 0 all three train the same model on the step's classes.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from incdet.classes import ClassSpace, StepClasses
+from incdet.errors import UserError
+from incdet.model.builder import build_model
+
+METHODS = ("incdet", "finetune", "joint")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which annotations a step trains on and which label indices they are annotated for."""
+
+    train_classes: tuple[int, ...]  # category ids whose boxes are kept
+    label_space: tuple[int, ...]  # label indices given background targets
+    uses_previous: bool  # starts from the previous step's model
+    uses_teacher: bool
+
+
+def plan_step(method: str, classes: ClassSpace, sc: StepClasses) -> Plan:
+    if method not in METHODS:
+        raise UserError(f"incremental.method: {method!r} is not one of {', '.join(METHODS)}")
+    new_labels = tuple(classes.labels(sc.new))
+    seen_labels = tuple(classes.labels(sc.seen))
+    if sc.step == 0 or method == "joint":
+        return Plan(sc.seen, seen_labels, uses_previous=False, uses_teacher=False)
+    if method == "finetune":
+        return Plan(sc.new, seen_labels, uses_previous=True, uses_teacher=False)
+    return Plan(sc.new, new_labels, uses_previous=True, uses_teacher=True)
+
+
+def build_student(cfg: dict, sc: StepClasses, plan: Plan, previous: dict | None):
+    """The model to train at this step (on CPU; the caller moves it)."""
+    layout = [len(g) for g in sc.groups]
+    if not plan.uses_previous:
+        return build_model(cfg["model"], layout)
+    if previous is None:
+        raise UserError(f"step {sc.step}: the previous step's checkpoint is required")
+    model = build_model(cfg["model"], previous["head_layout"])
+    model.load_state_dict(previous["model"])
+    model.head.classification_head.grow(len(sc.new))
+    return model
+
+
+def build_teacher(student_before_growth_state: dict, cfg: dict, previous: dict):
+    """The frozen previous model: ``eval()``, no gradients, not a submodule of the student."""
+    teacher = build_model(cfg["model"], previous["head_layout"])
+    teacher.load_state_dict(student_before_growth_state)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def clone_frozen(model: torch.nn.Module) -> torch.nn.Module:
+    teacher = copy.deepcopy(model)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def make_criterion(cfg: dict, student, teacher, plan: Plan, classes: ClassSpace,
+                   sc: StepClasses):
+    """``loss_fn(images, targets) -> {"loss_*": Tensor}`` for the step's method."""
+    from incdet.losses import DetectionLoss
+    from incdet.model.builder import forward_train
+
+    detection = DetectionLoss(cfg["loss"], student.box_coder, student.proposal_matcher)
+    if teacher is None:
+        def loss_fn(images, targets):
+            head_outputs, anchors, targets_t, _ = forward_train(student, images, targets)
+            return detection(head_outputs, anchors, targets_t)
+        return loss_fn
+    from incdet.distill import DistillationCriterion
+
+    return DistillationCriterion(cfg, student, teacher, detection, classes, sc)
