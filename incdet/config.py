@@ -62,7 +62,9 @@ DEFAULTS: dict[str, Any] = {
         "box": "giou",  # giou | l1 | smooth_l1
         "focal_alpha": 0.25,
         "focal_gamma": 2.0,
-        "weights": {"loss_cls": 1.0, "loss_box": 1.0},
+        # weight of each loss term; loss_distill_cls applies to every loss_distill_cls_<step>
+        "weights": {"loss_cls": 1.0, "loss_box": 1.0, "loss_distill_cls": 1.0,
+                    "loss_distill_box": 1.0},
     },
     "train": {
         "epochs": 12,
@@ -85,7 +87,16 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 20,
     },
     "eval": {"batch_size": 16},
-    "incremental": {"method": "incdet"},  # incdet | finetune | joint
+    "incremental": {
+        "method": "incdet",  # incdet | finetune | joint
+        "temperature": 2.0,  # distillation temperature T (sigmoid_kd)
+        "cls_distill": "sigmoid_kd",  # sigmoid_kd | l2
+        "box_distill": "l2",  # l2 | smooth_l1 | none
+        "anchors": "erd",  # which anchors are distilled: erd | topk | all
+        "topk": 100,  # anchors per image for anchors: topk
+        "pseudo_labels": False,  # teacher's old-class detections become extra targets
+        "pseudo_thresh": 0.5,  # score threshold for pseudo-labels
+    },
     "memory": {"budget": 100},
 }
 

@@ -69,11 +69,23 @@ def build_scheduler(optimizer, tcfg: dict, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, tcfg))
 
 
+def loss_weights(losses, weights: dict[str, float]) -> dict[str, float]:
+    """The weight of each loss term: its own key, or for ``name_<digits>`` the key ``name``."""
+    out = {}
+    for k in losses:
+        base = k.rstrip("0123456789").rstrip("_") if k[-1:].isdigit() else k
+        if k in weights:
+            out[k] = float(weights[k])
+        elif base in weights:
+            out[k] = float(weights[base])
+        else:
+            raise KeyError(f"no weight configured for loss term {k!r}")
+    return out
+
+
 def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
-    missing = [k for k in losses if k not in weights]
-    if missing:
-        raise KeyError(f"no weight configured for loss terms {missing}")
-    return sum(weights[k] * v for k, v in losses.items())
+    w = loss_weights(losses, weights)
+    return sum(w[k] * v for k, v in losses.items())
 
 
 @dataclass
@@ -130,6 +142,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
             it += 1
             n_batches += 1
             epoch_images += len(images)
+            term_w = loss_weights(losses, weights)
             values = {k: v.item() for k, v in losses.items()}
             values["loss"] = total.item()
             for k, v in values.items():
@@ -137,7 +150,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
             if writer is not None and it % log_every == 0:
                 for k, v in losses.items():
                     writer.add_scalar(f"train_raw/{k}", values[k], it)
-                    writer.add_scalar(f"train_weighted/{k}", weights[k] * values[k], it)
+                    writer.add_scalar(f"train_weighted/{k}", term_w[k] * values[k], it)
                 writer.add_scalar("train/loss", values["loss"], it)
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], it)
             bar.update(1)
@@ -152,7 +165,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
                 "seconds": round(seconds, 2),
                 "images_per_second": round(epoch_images / max(seconds, 1e-9), 2)}
         line.update({f"{k}": round(v / n_batches, 5) for k, v in sums.items()})
-        line.update({f"{k}_weighted": round(weights[k] * v / n_batches, 5)
+        line.update({f"{k}_weighted": round(term_w[k] * v / n_batches, 5)
                      for k, v in sums.items() if k != "loss"})
         result.epochs.append(line)
         with open(log_dir / "log.jsonl", "a") as f:

@@ -54,7 +54,9 @@ def masked_focal_loss(cls_logits: torch.Tensor, targets: list[dict],
         num_fg += int(fg.sum())
         gt[i, fg, t["labels"][m[fg]]] = 1.0
         valid[i] = m != BETWEEN_THRESHOLDS
-    weight = valid[:, :, None] & label_space_mask(targets, k, cls_logits.device)[:, None, :]
+    # positives always count (a pseudo-label may be of a class outside the label space)
+    weight = (valid[:, :, None] & label_space_mask(targets, k, cls_logits.device)[:, None, :]) \
+        | (gt > 0)
     loss = sigmoid_focal_loss(cls_logits, gt, alpha=alpha, gamma=gamma, reduction="none")
     return (loss * weight).sum() / max(1, num_fg)
 

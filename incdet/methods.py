@@ -11,7 +11,6 @@ At step 0 all three train the same model on the step's classes.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -58,18 +57,10 @@ def build_student(cfg: dict, sc: StepClasses, plan: Plan, previous: dict | None)
     return model
 
 
-def build_teacher(student_before_growth_state: dict, cfg: dict, previous: dict):
+def build_teacher(cfg: dict, previous: dict):
     """The frozen previous model: ``eval()``, no gradients, not a submodule of the student."""
     teacher = build_model(cfg["model"], previous["head_layout"])
-    teacher.load_state_dict(student_before_growth_state)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
-def clone_frozen(model: torch.nn.Module) -> torch.nn.Module:
-    teacher = copy.deepcopy(model)
+    teacher.load_state_dict(previous["model"])
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

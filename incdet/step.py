@@ -120,7 +120,7 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     student = methods.build_student(cfg, sc, plan, previous).to(device)
     teacher = None
     if plan.uses_teacher:
-        teacher = methods.build_teacher(previous["model"], cfg, previous).to(device)
+        teacher = methods.build_teacher(cfg, previous).to(device)
     criterion = methods.make_criterion(cfg, student, teacher, plan, classes, sc)
 
     total_iters = int(tcfg["max_iters"]) if tcfg.get("max_iters") else \
@@ -202,3 +202,30 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     log.info("step %d evaluation (%s):\n%s", t, method,
              format_table(evaluation, classes.names))
     return metrics
+
+
+def model_from_checkpoint(ckpt: dict, cfg: dict | None = None):
+    """Rebuild the model of a checkpoint (on CPU, in eval mode)."""
+    from incdet.model.builder import build_model
+
+    model = build_model((cfg or ckpt["config"])["model"], ckpt["head_layout"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def evaluate_checkpoint(ckpt_path: str | Path, cfg: dict | None = None,
+                        progress: bool = True) -> tuple[dict, ClassSpace]:
+    """Evaluate a step's checkpoint on the validation set of ``cfg`` (default: the config saved
+    in the checkpoint). Returns the evaluation (groups and per-class AP) and the class space."""
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = cfg or dict(ckpt["config"])
+    _, val_set, classes = load_experiment(cfg, progress)
+    t = int(ckpt["step"])
+    check_compatible(ckpt, ckpt_path, list(classes.order), [list(s) for s in classes.steps], t)
+    device = resolve_device(cfg["train"]["device"])
+    model = model_from_checkpoint(ckpt, cfg).to(device)
+    sc = classes.step(t)
+    evaluation = evaluate_model(model, val_set.records, val_set.categories,
+                                classes.order[:len(sc.seen)], metric_groups(classes, t),
+                                int(cfg["eval"]["batch_size"]), device, progress=progress)
+    return evaluation, classes

@@ -1,0 +1,168 @@
+"""Distillation from the frozen previous model (the teacher) into the grown student.
+
+``L = L_focal + L_box + sum_f w_cls * L_D^cls_f + w_box * L_D^box``: one classification
+distillation term per earlier step ``f`` (over the classes step ``f`` added, as the
+cross-distilled loss of End-to-End Incremental Learning has one per old classifier) and one
+distillation of the box regression deltas. Both are taken on the anchors selected by
+:func:`select_anchors` (ERD's rule by default: the anchors on which the teacher is confident).
+
+Forms of the classification term (``incremental.cls_distill``):
+
+* ``sigmoid_kd`` (default): Hinton-style soft targets for a sigmoid classifier. With temperature
+  T, teacher probability ``p = sigmoid(z_t / T)`` and student ``q = sigmoid(z_s / T)`` per class,
+  the loss is the Bernoulli KL divergence ``KL(p || q) * T**2`` (zero iff ``q == p``).
+* ``l2``: squared difference of the raw logits (Shmelkov et al. 2017, ERD).
+
+The teacher is frozen, in ``eval()`` mode, run under ``torch.no_grad()``; it is held in a plain
+attribute of this criterion, never registered in the student, so it is never in a checkpoint.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_iou
+
+from incdet.classes import ClassSpace, StepClasses
+from incdet.errors import UserError
+from incdet.losses import DetectionLoss
+
+ANCHOR_RULES = ("erd", "topk", "all")
+CLS_FORMS = ("sigmoid_kd", "l2")
+BOX_FORMS = ("l2", "smooth_l1", "none")
+
+
+def select_anchors(teacher_logits: torch.Tensor, rule: str = "erd", topk: int = 100,
+                   std_factor: float = 2.0) -> torch.Tensor:
+    """(N, HWA, K_old) teacher logits -> (N, HWA) bool mask of anchors to distil.
+
+    ``erd``: anchors whose max old-class score exceeds mean + ``std_factor`` * std of that
+    image's max scores; ``topk``: the ``topk`` highest max scores per image; ``all``: every anchor.
+    """
+    if rule not in ANCHOR_RULES:
+        raise UserError(f"incremental.anchors: {rule!r} is not one of {', '.join(ANCHOR_RULES)}")
+    if rule == "all":
+        return torch.ones(teacher_logits.shape[:2], dtype=torch.bool, device=teacher_logits.device)
+    scores = teacher_logits.sigmoid().amax(dim=2)  # (N, HWA)
+    if rule == "erd":
+        thr = scores.mean(dim=1, keepdim=True) + std_factor * scores.std(dim=1, keepdim=True)
+        return scores > thr
+    k = min(int(topk), scores.shape[1])
+    idx = scores.topk(k, dim=1).indices
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(1, idx, True)
+    return mask
+
+
+def cls_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     mask: torch.Tensor, form: str = "sigmoid_kd",
+                     temperature: float = 2.0) -> torch.Tensor:
+    """Distillation of (N, HWA, K_f) logits on the (N, HWA) anchors in ``mask``; mean over the
+    selected anchors and the K_f classes (0 when no anchor is selected)."""
+    if form not in CLS_FORMS:
+        raise UserError(f"incremental.cls_distill: {form!r} is not one of {', '.join(CLS_FORMS)}")
+    s, t = student_logits[mask], teacher_logits[mask]  # (M, K_f)
+    if s.numel() == 0:
+        return student_logits.sum() * 0.0
+    if form == "l2":
+        return (s - t).pow(2).mean()
+    p = torch.sigmoid(t / temperature)
+    # KL(p || q) for Bernoulli variables = BCE(q_logits, p) - H(p)
+    kl = F.binary_cross_entropy_with_logits(s / temperature, p, reduction="none") \
+        - F.binary_cross_entropy_with_logits(t / temperature, p, reduction="none")
+    return kl.mean() * temperature ** 2
+
+
+def box_distillation(student_deltas: torch.Tensor, teacher_deltas: torch.Tensor,
+                     mask: torch.Tensor, form: str = "l2") -> torch.Tensor:
+    """Distillation of (N, HWA, 4) box deltas on the anchors in ``mask`` (mean)."""
+    if form not in BOX_FORMS:
+        raise UserError(f"incremental.box_distill: {form!r} is not one of {', '.join(BOX_FORMS)}")
+    s, t = student_deltas[mask], teacher_deltas[mask]
+    if form == "none" or s.numel() == 0:
+        return student_deltas.sum() * 0.0
+    if form == "l2":
+        return (s - t).pow(2).mean()
+    return F.smooth_l1_loss(s, t, beta=1.0 / 9)
+
+
+def pseudo_labels(teacher, head_outputs: dict, anchors: list[torch.Tensor], image_sizes,
+                  targets: list[dict], score_thresh: float, iou_thresh: float = 0.5) -> list[dict]:
+    """Targets extended by the teacher's old-class detections scoring above ``score_thresh``
+    that do not overlap a ground-truth box (IoU < ``iou_thresh``)."""
+    # the teacher's postprocess expects outputs split per level; one level works as well
+    split = {k: [v] for k, v in head_outputs.items()}
+    split_anchors = [[a] for a in anchors]
+    old_thresh, teacher.score_thresh = teacher.score_thresh, score_thresh
+    try:
+        detections = teacher.postprocess_detections(split, split_anchors, image_sizes)
+    finally:
+        teacher.score_thresh = old_thresh
+    out = []
+    for t, det in zip(targets, detections):
+        boxes, labels = det["boxes"], det["labels"]
+        if t["boxes"].numel() and boxes.numel():
+            keep = box_iou(boxes, t["boxes"]).amax(dim=1) < iou_thresh
+            boxes, labels = boxes[keep], labels[keep]
+        keep = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+        new = dict(t)
+        new["boxes"] = torch.cat([t["boxes"], boxes[keep]])
+        new["labels"] = torch.cat([t["labels"], labels[keep]])
+        out.append(new)
+    return out
+
+
+class DistillationCriterion:
+    """``incdet``'s loss for a step t >= 1: detection loss on the step's annotations (masked to
+    each image's label space) plus distillation from the teacher.
+
+    Returns ``{"loss_cls", "loss_box", "loss_distill_cls_<f>" for each earlier step f,
+    "loss_distill_box"}``.
+    """
+
+    def __init__(self, cfg: dict, student, teacher, detection: DetectionLoss,
+                 classes: ClassSpace, sc: StepClasses):
+        from incdet.model.builder import forward_train
+
+        self._forward_train = forward_train
+        self.student = student
+        self.teacher = teacher  # plain attribute: never a submodule of the student
+        self.detection = detection
+        icfg = cfg["incremental"]
+        self.icfg = icfg
+        # label index ranges of each earlier step in the teacher's (= old) output
+        self.group_slices, start = [], 0
+        for g in sc.groups[:-1]:
+            self.group_slices.append(slice(start, start + len(g)))
+            start += len(g)
+        self.num_old = start
+        for key, allowed in (("anchors", ANCHOR_RULES), ("cls_distill", CLS_FORMS),
+                             ("box_distill", BOX_FORMS)):
+            if icfg[key] not in allowed:
+                raise UserError(f"incremental.{key}: {icfg[key]!r} is not one of "
+                                f"{', '.join(allowed)}")
+
+    @torch.no_grad()
+    def teacher_outputs(self, image_list) -> dict:
+        self.teacher.eval()
+        features = list(self.teacher.backbone(image_list.tensors).values())
+        return self.teacher.head(features)
+
+    def __call__(self, images, targets) -> dict[str, torch.Tensor]:
+        head_outputs, anchors, targets_t, image_list = self._forward_train(
+            self.student, images, targets)
+        t_out = self.teacher_outputs(image_list)
+        t_logits = t_out["cls_logits"]  # (N, HWA, K_old)
+        if self.icfg["pseudo_labels"]:
+            targets_t = pseudo_labels(self.teacher, t_out, anchors, image_list.image_sizes,
+                                      targets_t, float(self.icfg["pseudo_thresh"]))
+        losses = self.detection(head_outputs, anchors, targets_t)
+        mask = select_anchors(t_logits, self.icfg["anchors"], int(self.icfg["topk"]))
+        s_logits = head_outputs["cls_logits"]
+        for f, sl in enumerate(self.group_slices):
+            losses[f"loss_distill_cls_{f}"] = cls_distillation(
+                s_logits[:, :, sl], t_logits[:, :, sl], mask, self.icfg["cls_distill"],
+                float(self.icfg["temperature"]))
+        losses["loss_distill_box"] = box_distillation(
+            head_outputs["bbox_regression"], t_out["bbox_regression"], mask,
+            self.icfg["box_distill"])
+        return losses

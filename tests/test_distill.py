@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from incdet.distill import box_distillation, cls_distillation, select_anchors
+
+
+@pytest.mark.parametrize("form", ["sigmoid_kd", "l2"])
+def test_cls_distillation_zero_iff_equal(form):
+    torch.manual_seed(0)
+    t = torch.randn(2, 10, 3)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    assert cls_distillation(t.clone(), t, mask, form).abs() < 1e-6
+    s = t + 0.5 * torch.randn_like(t)
+    assert cls_distillation(s, t, mask, form) > 1e-3
+
+
+def test_box_distillation_zero_iff_equal_and_respects_mask():
+    t = torch.randn(1, 5, 4)
+    mask = torch.tensor([[True, False, False, False, False]])
+    assert box_distillation(t.clone(), t, mask) == 0
+    s = t.clone()
+    s[0, 1:] += 3.0  # differences on unselected anchors only
+    assert box_distillation(s, t, mask) == 0
+    s[0, 0] += 1.0
+    assert box_distillation(s, t, mask) == pytest.approx(1.0)
+
+
+def test_gradient_reaches_student_only():
+    torch.manual_seed(0)
+    s = torch.randn(1, 4, 2, requires_grad=True)
+    t = torch.randn(1, 4, 2, requires_grad=True)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    with torch.no_grad():
+        t_out = t * 1.0  # the teacher runs under no_grad
+    (cls_distillation(s, t_out, mask) + box_distillation(s.repeat(1, 1, 2), t_out.repeat(1, 1, 2),
+                                                         mask)).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+def test_anchor_selection_rules_on_a_hand_made_example():
+    # one image, 50 anchors, 2 old classes. Max scores: anchor 3 0.98, anchor 5 0.5,
+    # anchor 7 0.12, the rest 0.0025: mean + 2 std of this image is about 0.34
+    logits = torch.full((1, 50, 2), -6.0)
+    logits[0, 3, 1] = 4.0
+    logits[0, 5, 0] = 0.0
+    logits[0, 7, 0] = -2.0
+    scores = logits.sigmoid().amax(2)[0]
+    thr = scores.mean() + 2 * scores.std()
+    assert 0.12 < thr < 0.5
+    assert select_anchors(logits, "erd")[0].nonzero().flatten().tolist() == [3, 5]
+    assert select_anchors(logits, "topk", topk=3)[0].nonzero().flatten().tolist() == [3, 5, 7]
+    assert select_anchors(logits, "all").all()
