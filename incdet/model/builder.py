@@ -98,8 +98,9 @@ def build_backbone(mcfg: dict) -> BackboneWithFPN:
             features.load_state_dict(feature_state or state, strict=False)
         stage_indices = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] \
             + [len(features) - 1]
+        # torchvision's semantics: the last `trainable_layers` stages train (all from scratch)
         freeze_before = stage_indices[len(stage_indices) - trainable_layers] \
-            if trainable_layers < len(stage_indices) else 0
+            if state is not None and trainable_layers < len(stage_indices) else 0
         for b in features[:freeze_before]:
             for p in b.parameters():
                 p.requires_grad_(False)

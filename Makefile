@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-incdet
+WORK ?= runs/demo
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: setup demo test benchmark clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch and torchvision in one pip call, so that the two builds match
+	$(BIN)/pip install "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/python tools/train_step.py --config configs/shapes_2step.yaml --step 0 --work-dir $(WORK)
+	$(BIN)/python tools/train_step.py --config configs/shapes_2step.yaml --step 1 --work-dir $(WORK)
+	$(BIN)/python tools/summarize.py $(WORK)
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+benchmark: setup
+	$(BIN)/python tools/benchmark.py --quick
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

@@ -1,0 +1,121 @@
+"""Benchmarks (never timed tests): accuracy of the methods side by side and the cost of an
+incremental iteration. ``tools/benchmark.py`` runs them and writes a JSON of results."""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from incdet import methods
+from incdet.data.dataset import DetectionDataset, collate
+from incdet.data.records import filter_for_classes
+from incdet.engine import build_optimizer, seed_everything
+from incdet.protocol import run_protocol
+from incdet.step import load_experiment
+
+
+def accuracy(cfg: dict, work_dir: Path, method_names: list[str], progress: bool) -> dict:
+    """Final AP per method, its ratio to ``joint``, and old-class retention."""
+    res = run_protocol(cfg, work_dir, method_names, progress)
+    out = {"steps": {m: [{"step": s["step"], "map": {g: s["map"][g]["AP"] for g in s["map"]},
+                          "forgetting": s["forgetting"], "seconds": s["train"]["seconds"]}
+                         for s in steps] for m, steps in res.items()}}
+    final = {m: steps[-1]["map"]["all"]["AP"] for m, steps in res.items()}
+    out["final_ap"] = final
+    if "joint" in final and final["joint"]:
+        out["ratio_to_joint"] = {m: v / final["joint"] for m, v in final.items()}
+    base = {m: steps[0]["map"]["new"]["AP"] for m, steps in res.items()}
+    # retention of the step-0 classes: their AP at the last step over their AP at step 0
+    out["step0_retention"] = {m: (steps[-1]["groups"]["step_0"]["AP"] / base[m]
+                                  if base[m] else None) for m, steps in res.items()}
+    out["old_ap_retention"] = {
+        m: (steps[-1]["map"]["old"]["AP"] / _old_ap_when_learned(steps)
+            if _old_ap_when_learned(steps) else None) for m, steps in res.items()}
+    out["last_step_seconds"] = {m: steps[-1]["train"]["seconds"] for m, steps in res.items()}
+    return out
+
+
+def _old_ap_when_learned(steps: list[dict]) -> float | None:
+    """Mean over earlier groups of their AP at the step they were learned."""
+    vals = [s["groups"][f"step_{s['step']}"]["AP"] for s in steps[:-1]]
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def iteration_cost(cfg: dict, iters: int = 10, batch_size: int = 8, progress: bool = False) -> dict:
+    """Seconds per training iteration on one fixed batch: plain (step-0 loss, no teacher) vs
+    ``incdet`` (the same student plus a teacher forward and distillation), measured
+    alternately in one process so that machine noise hits both alike."""
+    seed_everything(0)
+    cfg = copy.deepcopy(cfg)
+    train_set, _, classes = load_experiment(cfg, progress)
+    sc = classes.step(1)
+    records = filter_for_classes(train_set.records, sc.new)[:batch_size]
+    plan = methods.plan_step("incdet", classes, sc)
+    dataset = DetectionDataset(records, classes.label_of, [plan.label_space] * len(records))
+    images, targets = collate([dataset[i] for i in range(len(records))])
+    previous_model = methods.build_model(cfg["model"], [len(sc.old)])
+    previous = {"model": previous_model.state_dict(), "head_layout": [len(sc.old)]}
+    student = methods.build_student(cfg, sc, plan, previous)
+    teacher = methods.build_teacher(cfg, previous)
+    plain_plan = methods.plan_step("finetune", classes, sc)
+    plain = methods.make_criterion(cfg, student, None, plain_plan, classes, sc)
+    incdet = methods.make_criterion(cfg, student, teacher, plan, classes, sc)
+    optimizer = build_optimizer(student, dict(cfg["train"], lr=1e-4))
+    student.train()
+
+    def one(fn) -> float:
+        t0 = time.perf_counter()
+        losses = fn(list(images), list(targets))
+        total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        return time.perf_counter() - t0
+
+    for fn in (plain, incdet):  # warm-up
+        one(fn)
+    times = {"plain": [], "incdet": []}
+    for _ in range(iters):
+        times["plain"].append(one(plain))
+        times["incdet"].append(one(incdet))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"batch_size": len(records), "iters": iters, "plain_s": med["plain"],
+            "incdet_s": med["incdet"], "ratio": med["incdet"] / med["plain"]}
+
+
+def training_throughput(cfg: dict, iters: int = 30, progress: bool = False) -> dict:
+    """Images/s of the step-0 training loop (data loading included) over ``iters`` iterations."""
+    from incdet.data.dataset import make_loader
+    from incdet.data.transforms import build_train_transform
+
+    seed_everything(0)
+    train_set, _, classes = load_experiment(cfg, progress)
+    sc = classes.step(0)
+    plan = methods.plan_step("joint", classes, sc)
+    records = filter_for_classes(train_set.records, plan.train_classes)
+    dataset = DetectionDataset(records, classes.label_of, [plan.label_space] * len(records),
+                               build_train_transform(cfg["augment"]))
+    tcfg = cfg["train"]
+    loader = make_loader(dataset, int(tcfg["batch_size"]), True, int(tcfg["num_workers"]), 0,
+                         drop_last=True)
+    model = methods.build_student(cfg, sc, plan, None)
+    loss_fn = methods.make_criterion(cfg, model, None, plan, classes, sc)
+    optimizer = build_optimizer(model, tcfg)
+    model.train()
+    seen, t0, warm = 0, None, 3
+    for i, (images, targets) in enumerate(loader):
+        if i == warm:
+            t0, seen = time.perf_counter(), 0
+        losses = loss_fn(list(images), list(targets))
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+        seen += len(images)
+        if i >= warm + iters - 1:
+            break
+    seconds = time.perf_counter() - t0
+    return {"iters": iters, "batch_size": int(tcfg["batch_size"]),
+            "images_per_second": seen / seconds, "threads": torch.get_num_threads()}

@@ -1,0 +1,66 @@
+import copy
+
+import pytest
+import torch
+import torchvision
+from torchvision.ops import FrozenBatchNorm2d
+
+from incdet.config import DEFAULTS
+from incdet.errors import UserError
+from incdet.model.builder import build_model, forward_train
+
+SMALL = dict(DEFAULTS["model"], fpn_channels=16, head_convs=1, min_size=64, max_size=64)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
+def test_from_scratch_trains_everything_with_real_norm_layers(backbone):
+    model = build_model(dict(SMALL, backbone=backbone), [3, 2])
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    assert model.head.classification_head.num_classes == 5
+    model.train()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 4, 30, 40]]), "labels": torch.tensor([4])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    head_outputs, anchors, _, _ = forward_train(model, images, targets)
+    n_anchors = anchors[0].shape[0]
+    assert head_outputs["cls_logits"].shape == (2, n_anchors, 5)
+    assert head_outputs["bbox_regression"].shape == (2, n_anchors, 4)
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2 and set(out[0]) == {"boxes", "scores", "labels"}
+
+
+def test_frozen_norm_without_weights_is_refused():
+    with pytest.raises(UserError, match="needs pretrained model.weights"):
+        build_model(dict(SMALL, norm="frozen"), [2])
+
+
+def test_weights_errors_are_clear(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(UserError, match="does not exist"):
+        build_model(dict(SMALL, weights=str(tmp_path / "missing.pth")), [2])
+    with pytest.raises(UserError, match="neither a file nor a torchvision weights name"):
+        build_model(dict(SMALL, weights="NoSuchWeights.V1"), [2])
+    with pytest.raises(UserError, match="not in the local torch cache"):
+        build_model(dict(SMALL, backbone="resnet18", weights="ResNet18_Weights.IMAGENET1K_V1"),
+                    [2])
+
+
+def test_weights_from_a_file_are_loaded_and_norm_frozen(tmp_path):
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model(dict(SMALL, backbone="resnet18", weights=str(path), trainable_layers=3),
+                        [2])
+    body = model.backbone.body
+    assert torch.equal(body.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+    assert isinstance(body.bn1, FrozenBatchNorm2d)
+    assert not body.conv1.weight.requires_grad and body.layer4[0].conv1.weight.requires_grad
+
+
+def test_anchor_sizes_must_match_levels():
+    with pytest.raises(UserError, match="one size per level"):
+        build_model(dict(copy.deepcopy(SMALL), anchor_sizes=[16, 32]), [2])

@@ -1,0 +1,86 @@
+"""Benchmarks of incdet on the built-in dataset; writes a JSON of results and prints a table.
+
+    python tools/benchmark.py [--quick] [--out runs/benchmark] [--sections throughput,cost,2step,4step]
+
+Accuracy sections train every method with the same iteration budget per step
+(``--iters``); figures are only comparable between runs with the same budget, config and seed,
+which the JSON records.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+from incdet.cli import main_guard, setup_logging
+
+SECTIONS = ("throughput", "cost", "2step", "4step")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/benchmark")
+    parser.add_argument("--quick", action="store_true", help="small budgets (about 10 minutes)")
+    parser.add_argument("--iters", type=int, help="training iterations per step (all methods)")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--methods", default="incdet,finetune,joint")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="config override for every section")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    import torch
+
+    from incdet import benchmarks
+    from incdet.config import load_config
+    from incdet.io import atomic_write_json
+
+    iters = args.iters or (60 if args.quick else 600)
+    sections = [s for s in args.sections.split(",") if s]
+    methods = [m for m in args.methods.split(",") if m]
+    progress = not args.no_progress
+    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                          else None},
+              "date": time.strftime("%Y-%m-%d %H:%M"), "iters_per_step": iters,
+              "overrides": args.overrides, "results": {}}
+    out_path = f"{args.out}/benchmark.json"
+    for section in sections:
+        if section not in SECTIONS:
+            raise SystemExit(f"unknown section {section!r}; choose from {', '.join(SECTIONS)}")
+        if section == "throughput":
+            cfg = load_config("configs/shapes_joint.yaml", args.overrides)
+            r = benchmarks.training_throughput(cfg, iters=10 if args.quick else 30)
+            print(f"[throughput] step-0 training: {r['images_per_second']:.1f} images/s "
+                  f"(batch {r['batch_size']}, {r['threads']} threads)")
+        elif section == "cost":
+            cfg = load_config("configs/shapes_2step.yaml", args.overrides)
+            r = benchmarks.iteration_cost(cfg, iters=5 if args.quick else 15)
+            print(f"[cost] iteration with teacher / without: {r['ratio']:.2f}x "
+                  f"({r['incdet_s']:.3f}s vs {r['plain_s']:.3f}s, batch {r['batch_size']})")
+        else:
+            name = "shapes_2step" if section == "2step" else "shapes_4step"
+            cfg = load_config(f"configs/{name}.yaml",
+                              args.overrides + [f"train.max_iters={iters}"])
+            r = benchmarks.accuracy(cfg, f"{args.out}/{name}_{iters}", methods, progress)
+            r["config"] = f"configs/{name}.yaml"
+            r["seed"] = cfg["train"]["seed"]
+            print(f"[{section}] final AP (all classes): " + ", ".join(
+                f"{m}={v:.3f}" for m, v in r["final_ap"].items()))
+            if "ratio_to_joint" in r:
+                print(f"[{section}] ratio to joint: " + ", ".join(
+                    f"{m}={v:.2f}" for m, v in r["ratio_to_joint"].items()))
+            print(f"[{section}] step-0 classes kept (AP last / AP at step 0): " + ", ".join(
+                f"{m}={'-' if v is None else format(v, '.2f')}"
+                for m, v in r["step0_retention"].items()))
+        report["results"][section] = r
+        atomic_write_json(out_path, report)
+    print(f"results: {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_guard(main))
