@@ -97,7 +97,15 @@ DEFAULTS: dict[str, Any] = {
         "pseudo_labels": False,  # teacher's old-class detections become extra targets
         "pseudo_thresh": 0.5,  # score threshold for pseudo-labels
     },
-    "memory": {"budget": 100},
+    "memory": {
+        "budget": 100,  # images in total, shared equally among seen classes (0: no memory)
+        "per_class": None,  # or images per class (then budget must be null)
+        "selection": "herding",  # herding | closest | random
+        "replay_fraction": 0.25,  # share of every batch drawn from the memory
+        "feature_size": 4,  # RoIAlign output size for memory features
+        # End-to-End Incremental Learning's balanced fine-tuning, after a step's main training
+        "balanced_finetune": {"enabled": False, "iters": 100, "lr_scale": 0.1},
+    },
 }
 
 

@@ -120,7 +120,7 @@ class DistillationCriterion:
     """
 
     def __init__(self, cfg: dict, student, teacher, detection: DetectionLoss,
-                 classes: ClassSpace, sc: StepClasses):
+                 classes: ClassSpace, sc: StepClasses, include_new: bool = False):
         from incdet.model.builder import forward_train
 
         self._forward_train = forward_train
@@ -129,9 +129,10 @@ class DistillationCriterion:
         self.detection = detection
         icfg = cfg["incremental"]
         self.icfg = icfg
-        # label index ranges of each earlier step in the teacher's (= old) output
+        # label index ranges of each distilled step in the teacher's output: the earlier steps,
+        # or every step (balanced fine-tuning distils from a teacher that knows the new classes)
         self.group_slices, start = [], 0
-        for g in sc.groups[:-1]:
+        for g in (sc.groups if include_new else sc.groups[:-1]):
             self.group_slices.append(slice(start, start + len(g)))
             start += len(g)
         self.num_old = start
@@ -151,7 +152,7 @@ class DistillationCriterion:
         head_outputs, anchors, targets_t, image_list = self._forward_train(
             self.student, images, targets)
         t_out = self.teacher_outputs(image_list)
-        t_logits = t_out["cls_logits"]  # (N, HWA, K_old)
+        t_logits = t_out["cls_logits"][:, :, :self.num_old]  # (N, HWA, K_old)
         if self.icfg["pseudo_labels"]:
             targets_t = pseudo_labels(self.teacher, t_out, anchors, image_list.image_sizes,
                                       targets_t, float(self.icfg["pseudo_thresh"]))

@@ -30,18 +30,27 @@ class Plan:
     label_space: tuple[int, ...]  # label indices given background targets
     uses_previous: bool  # starts from the previous step's model
     uses_teacher: bool
+    uses_memory: bool = False
 
 
-def plan_step(method: str, classes: ClassSpace, sc: StepClasses) -> Plan:
+def memory_enabled(cfg: dict) -> bool:
+    m = cfg["memory"]
+    return bool(m.get("budget")) or bool(m.get("per_class"))
+
+
+def plan_step(method: str, classes: ClassSpace, sc: StepClasses, memory: bool = False) -> Plan:
+    """``memory``: whether the exemplar memory is on (it serves ``incdet`` only)."""
     if method not in METHODS:
         raise UserError(f"incremental.method: {method!r} is not one of {', '.join(METHODS)}")
     new_labels = tuple(classes.labels(sc.new))
     seen_labels = tuple(classes.labels(sc.seen))
     if sc.step == 0 or method == "joint":
-        return Plan(sc.seen, seen_labels, uses_previous=False, uses_teacher=False)
+        # incdet's step 0 selects the memory that step 1 replays
+        return Plan(sc.seen, seen_labels, uses_previous=False, uses_teacher=False,
+                    uses_memory=memory and method == "incdet")
     if method == "finetune":
         return Plan(sc.new, seen_labels, uses_previous=True, uses_teacher=False)
-    return Plan(sc.new, new_labels, uses_previous=True, uses_teacher=True)
+    return Plan(sc.new, new_labels, uses_previous=True, uses_teacher=True, uses_memory=memory)
 
 
 def build_student(cfg: dict, sc: StepClasses, plan: Plan, previous: dict | None):
@@ -68,7 +77,7 @@ def build_teacher(cfg: dict, previous: dict):
 
 
 def make_criterion(cfg: dict, student, teacher, plan: Plan, classes: ClassSpace,
-                   sc: StepClasses):
+                   sc: StepClasses, distill_new: bool = False):
     """``loss_fn(images, targets) -> {"loss_*": Tensor}`` for the step's method."""
     from incdet.losses import DetectionLoss
     from incdet.model.builder import forward_train
@@ -81,4 +90,5 @@ def make_criterion(cfg: dict, student, teacher, plan: Plan, classes: ClassSpace,
         return loss_fn
     from incdet.distill import DistillationCriterion
 
-    return DistillationCriterion(cfg, student, teacher, detection, classes, sc)
+    return DistillationCriterion(cfg, student, teacher, detection, classes, sc,
+                                 include_new=distill_new)

@@ -8,11 +8,11 @@ interrupted step resumes with ``--resume``; it is removed once the step is compl
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
-import math
 import random
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from incdet.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from incdet.classes import ClassSpace
 from incdet.config import dump_config, strip_private
 from incdet.data.dataset import DetectionDataset, make_loader
+from incdet.data.sampler import MixedBatchSampler
 from incdet.data.records import filter_for_classes
 from incdet.data.sources import ensure_builtin, load_subset
 from incdet.data.transforms import build_train_transform
@@ -31,8 +32,8 @@ from incdet.engine import (build_optimizer, build_scheduler, resolve_device, see
 from incdet.errors import UserError
 from incdet.evaluation import evaluate_model, format_table
 from incdet.io import atomic_write_json
-from incdet.losses import DetectionLoss, match_anchors
-from incdet.model.builder import forward_train, head_layout
+from incdet.memory import Memory, build_memory, rank_classes, roi_features
+from incdet.model.builder import head_layout
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,93 @@ def _seed_worker(worker_id: int) -> None:
     transform = getattr(info.dataset, "transform", None)
     if transform is not None and hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
+
+
+def _train_loader(cfg: dict, classes: ClassSpace, records, label_space, memory: Memory | None,
+                  seed: int):
+    """The step's training loader: new images (label space of the step) and, with a memory,
+    replayed memory images (each with its own label space) mixed into every batch."""
+    tcfg = cfg["train"]
+    stored = memory.records if memory is not None else {}
+    new_records, new_spaces = [], []
+    for rec in records:
+        if rec.id in stored:
+            # a memory image that also has new-class boxes is annotated for both label spaces
+            old = stored[rec.id]
+            rec = replace(rec, boxes=np.concatenate([rec.boxes, old.boxes]),
+                          category_ids=np.concatenate([rec.category_ids, old.category_ids]),
+                          iscrowd=np.zeros(len(rec.boxes) + len(old.boxes), bool), areas=None)
+            space = sorted(set(label_space) | set(classes.labels(memory.label_spaces[rec.id])))
+        else:
+            space = list(label_space)
+        new_records.append(rec)
+        new_spaces.append(space)
+    new_ids = {r.id for r in records}
+    mem_records = [rec for i, rec in sorted(stored.items()) if i not in new_ids]
+    mem_spaces = [classes.labels(memory.label_spaces[r.id]) for r in mem_records]
+    records = new_records
+    dataset = DetectionDataset(records + mem_records, classes.label_of, new_spaces + mem_spaces,
+                               build_train_transform(cfg["augment"]))
+    bs = int(tcfg["batch_size"])
+    if mem_records:
+        generator = torch.Generator()
+        generator.manual_seed(int(tcfg["seed"]) + seed)
+        sampler = MixedBatchSampler(len(records), len(mem_records), bs,
+                                    float(cfg["memory"]["replay_fraction"]), generator)
+        loader = make_loader(dataset, bs, shuffle=False, num_workers=int(tcfg["num_workers"]),
+                             seed=int(tcfg["seed"]) + seed, batch_sampler=sampler)
+    else:
+        loader = make_loader(dataset, bs, shuffle=True, num_workers=int(tcfg["num_workers"]),
+                             seed=int(tcfg["seed"]) + seed, drop_last=len(dataset) > bs)
+    loader.worker_init_fn = _seed_worker
+    return loader
+
+
+def _shuffle_generator(loader) -> torch.Generator:
+    sampler = loader.batch_sampler
+    return sampler.generator if isinstance(sampler, MixedBatchSampler) else loader.generator
+
+
+def select_memory(cfg: dict, model, records, previous: Memory | None, sc, device,
+                  progress: bool) -> Memory:
+    """Herd the step's training images per new class and update the memory (module
+    :mod:`incdet.memory` documents the rules)."""
+    mcfg = cfg["memory"]
+    from incdet.memory import quotas
+
+    quota = quotas(list(sc.seen), mcfg.get("budget"), mcfg.get("per_class"))
+    limit = max(quota[c] for c in sc.new)
+    feats = roi_features(model, records, int(cfg["eval"]["batch_size"]), device,
+                         int(mcfg["feature_size"]), progress)
+    rankings = rank_classes(feats, sc.new, mcfg["selection"], limit, int(cfg["train"]["seed"]))
+    return build_memory(previous, rankings, {r.id: r for r in records}, sc.new, sc.seen, mcfg)
+
+
+def balanced_finetune(cfg: dict, student, classes: ClassSpace, sc, memory: Memory, device,
+                      step_dir: Path, writer, progress: bool) -> None:
+    """End-to-End Incremental Learning's balanced fine-tuning: a short, low learning-rate
+    training on the class-balanced memory (old and new classes alike), distilling every class
+    from the model as it was before this stage."""
+    bcfg = cfg["memory"]["balanced_finetune"]
+    recs = [memory.records[i] for i in sorted(memory.records)]
+    spaces = [classes.labels(memory.label_spaces[i]) for i in sorted(memory.records)]
+    dataset = DetectionDataset(recs, classes.label_of, spaces, build_train_transform(cfg["augment"]))
+    tcfg = dict(cfg["train"], lr=float(cfg["train"]["lr"]) * float(bcfg["lr_scale"]),
+                warmup_iters=0)
+    loader = make_loader(dataset, int(tcfg["batch_size"]), shuffle=True, num_workers=0,
+                         seed=int(tcfg["seed"]) + 1000 + sc.step,
+                         drop_last=len(dataset) > int(tcfg["batch_size"]))
+    frozen = copy.deepcopy(student).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    plan = methods.Plan(sc.seen, tuple(classes.labels(sc.seen)), True, True, True)
+    criterion = methods.make_criterion(cfg, student, frozen, plan, classes, sc, distill_new=True)
+    optimizer = build_optimizer(student, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg, int(bcfg["iters"]))
+    bft_dir = step_dir / "balanced_finetune"
+    bft_dir.mkdir(exist_ok=True)
+    train(student, criterion, loader, optimizer, scheduler, tcfg, dict(cfg["loss"]["weights"]),
+          int(bcfg["iters"]), device, bft_dir, None, progress=progress)
 
 
 def load_experiment(cfg: dict, progress: bool = True):
@@ -95,7 +183,7 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     train_set, val_set, classes = load_experiment(cfg, progress)
     sc = classes.step(t)
     method = cfg["incremental"]["method"]
-    plan = methods.plan_step(method, classes, sc)
+    plan = methods.plan_step(method, classes, sc, methods.memory_enabled(cfg))
 
     previous = None
     if plan.uses_previous:
@@ -110,12 +198,15 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     if not records:
         raise UserError(f"{train_set.source}: step {t} has no training image with a box of its "
                         f"classes {list(plan.train_classes)}; check the split")
-    dataset = DetectionDataset(records, classes.label_of, [plan.label_space] * len(records),
-                               build_train_transform(cfg["augment"]))
-    loader = make_loader(dataset, int(tcfg["batch_size"]), shuffle=True,
-                         num_workers=int(tcfg["num_workers"]), seed=int(tcfg["seed"]) + t,
-                         drop_last=len(dataset) > int(tcfg["batch_size"]))
-    loader.worker_init_fn = _seed_worker
+    memory = None
+    if plan.uses_memory and t > 0:
+        mem_path = work_dir / f"step_{t - 1}" / "memory.json"
+        if not mem_path.is_file():
+            raise UserError(f"{mem_path}: missing; step {t - 1} was trained without a memory: "
+                            "retrain it with memory.budget set, or set memory.budget: 0")
+        memory = Memory.from_json(mem_path, cfg["data"]["root"])
+    loader = _train_loader(cfg, classes, records, plan.label_space, memory, seed=t)
+    dataset = loader.dataset
 
     student = methods.build_student(cfg, sc, plan, previous).to(device)
     teacher = None
@@ -143,7 +234,7 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
         scheduler.load_state_dict(ts["scheduler"])
         start_iter, start_epoch = ts["iteration"], ts["epoch"]
         torch.set_rng_state(ts["torch_rng"])
-        loader.generator.set_state(ts["loader_rng"])
+        _shuffle_generator(loader).set_state(ts["loader_rng"])
         log.info("resuming step %d at iteration %d (epoch %d)", t, start_iter, start_epoch)
 
     def save_last(epoch: int, iteration: int) -> None:
@@ -155,7 +246,7 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
                                                      "scheduler": scheduler.state_dict(),
                                                      "iteration": iteration, "epoch": epoch,
                                                      "torch_rng": torch.get_rng_state(),
-                                                     "loader_rng": loader.generator.get_state()}))
+                                                     "loader_rng": _shuffle_generator(loader).get_state()}))
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -165,6 +256,12 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
         result = train(student, criterion, loader, optimizer, scheduler, tcfg, weights,
                        total_iters, device, step_dir, writer, start_iter, start_epoch,
                        on_epoch_end=save_last, progress=progress)
+        new_memory = None
+        if plan.uses_memory:
+            new_memory = select_memory(cfg, student, records, memory, sc, device, progress)
+            if t > 0 and cfg["memory"]["balanced_finetune"]["enabled"]:
+                balanced_finetune(cfg, student, classes, sc, new_memory, device, step_dir,
+                                  writer, progress)
         groups = metric_groups(classes, t)
         evaluation = evaluate_model(student, val_set.records, val_set.categories,
                                     classes.order[:len(sc.seen)], groups,
@@ -193,6 +290,11 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
                   "images_per_second": round(result.images_per_second, 2),
                   "images": len(dataset)},
     }
+    if new_memory is not None:
+        atomic_write_json(step_dir / "memory.json",
+                          new_memory.to_json(cfg["data"]["root"], train_set.categories, t))
+        metrics["memory"] = {"images": len(new_memory),
+                             "replayed_from_previous": 0 if memory is None else len(memory)}
     save_checkpoint(step_dir / "checkpoint.pt",
                     dict(base, head_layout=head_layout(student), model=student.state_dict(),
                          history=history, train_state=None))

@@ -144,3 +144,47 @@ def test_checkpoint_of_another_split_is_refused(tiny_config, tmp_path):
 
     with pytest.raises(UserError, match="another class order or split"):
         run_step(reordered, 1, tmp_path / "y", progress=False)
+
+
+def test_memory_is_selected_within_budget_and_replayed_with_its_label_space(tiny_config,
+                                                                             tmp_path):
+    from incdet.data.records import filter_for_classes
+    from incdet.memory import Memory
+    from incdet.step import _train_loader, load_experiment
+
+    cfg = load_config(tiny_config, ["memory.budget=6", "split=5+5"])
+    run_step(cfg, 0, tmp_path, progress=False)
+    mem_json = json.loads((tmp_path / "step_0" / "memory.json").read_text())
+    assert len(mem_json["images"]) <= 6
+    assert set(mem_json["rankings"]) == {"1", "2", "4", "5", "7"}
+    assert all(len(v) <= q for v, q in zip(mem_json["rankings"].values(),
+                                           mem_json["quotas"].values()))
+    memory = Memory.from_json(tmp_path / "step_0" / "memory.json", cfg["data"]["root"])
+
+    train_set, _, classes = load_experiment(cfg, progress=False)
+    new_records = filter_for_classes(train_set.records, classes.step(1).new)
+    loader = _train_loader(cfg, classes, new_records, tuple(classes.labels([9, 11, 14, 16, 18])),
+                           memory, seed=1)
+    ds = loader.dataset
+    new_ids = {r.id for r in new_records}
+    assert {r.id for r in ds.records} == new_ids | set(memory.records)
+    replayed = [i for i, r in enumerate(ds.records) if r.id in memory.records]
+    assert len(replayed) == len(memory)
+    for i in replayed:
+        rec, space = ds.records[i], set(ds.label_spaces[i].tolist())
+        old_space = set(classes.labels(memory.label_spaces[rec.id]))
+        assert old_space <= {0, 1, 2, 3, 4}  # memory images are annotated for step-0 classes
+        if rec.id in new_ids:  # also a new image: annotated for both steps
+            assert space == old_space | {5, 6, 7, 8, 9}
+        else:  # memory only: its own label space; later classes are not background on it
+            assert space == old_space
+            assert set(rec.category_ids.tolist()) <= {1, 2, 4, 5, 7}
+    for i, r in enumerate(ds.records):
+        assert set(classes.labels(r.category_ids.tolist())) <= set(ds.label_spaces[i].tolist())
+    memory_only = sum(1 for r in ds.records if r.id not in new_ids)
+    if memory_only:  # every batch mixes in memory images
+        assert all(any(j >= len(new_records) for j in b) for b in loader.batch_sampler)
+
+    m1 = run_step(cfg, 1, tmp_path, progress=False)
+    assert m1["memory"]["replayed_from_previous"] == len(memory)
+    assert m1["memory"]["images"] <= 6
