@@ -16,9 +16,9 @@ from incdet.protocol import run_protocol
 from incdet.step import load_experiment
 
 
-def accuracy(cfg: dict, work_dir: Path, method_names: list[str], progress: bool) -> dict:
-    """Final AP per method, its ratio to ``joint``, and old-class retention."""
-    res = run_protocol(cfg, work_dir, method_names, progress)
+def accuracy(cfg: dict, work_dir: Path, variants: dict[str, list[str]], progress: bool) -> dict:
+    """Final AP per variant, its ratio to ``joint``, and old-class retention."""
+    res = run_protocol(cfg, work_dir, variants, progress)
     out = {"steps": {m: [{"step": s["step"], "map": {g: s["map"][g]["AP"] for g in s["map"]},
                           "forgetting": s["forgetting"], "seconds": s["train"]["seconds"]}
                          for s in steps] for m, steps in res.items()}}

@@ -41,6 +41,8 @@ DEFAULTS: dict[str, Any] = {
         "anchor_sizes": [16, 32, 64, 128, 256],  # one base size per FPN level P3..P7
         "anchor_scales": 3,  # octave scales per level: size * 2**(i/n), i < n
         "aspect_ratios": [0.5, 1.0, 2.0],
+        "fg_iou_thresh": 0.5,  # anchor-to-box IoU for a positive anchor
+        "bg_iou_thresh": 0.4,  # below it an anchor is background; between the two, ignored
         "min_size": 128,
         "max_size": 128,
         "score_thresh": 0.05,
@@ -219,6 +221,11 @@ def dump_config(cfg: dict, path: str | os.PathLike) -> None:
 
     clean = {k: v for k, v in cfg.items() if not k.startswith("_")}
     atomic_write_text(path, yaml.safe_dump(clean, sort_keys=False))
+
+
+def with_defaults(saved: dict) -> dict:
+    """A config saved by an earlier version, completed with today's defaults for new keys."""
+    return _merge(DEFAULTS, saved)
 
 
 def strip_private(cfg: dict) -> dict:

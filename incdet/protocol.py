@@ -1,8 +1,10 @@
-"""Runs every step of a split for several methods side by side, sharing identical work.
+"""Runs every step of a split for several variants side by side, sharing identical work.
 
-Each method lives in ``work_dir/<method>/step_<t>/``. Step 0 is the same training for every
-method (the base classes, from scratch), so it is trained once and copied. Steps already
-complete are skipped, so an interrupted protocol resumes where it stopped.
+A variant is a name and config overrides (usually just ``incremental.method``); each lives in
+``work_dir/<name>/step_<t>/``. Step 0 is the same training for every variant that shares the
+model, data and training settings (the base classes, from scratch), so it is trained once, by
+the first variant, and copied. Completed steps are skipped, so an interrupted protocol resumes
+where it stopped.
 """
 from __future__ import annotations
 
@@ -10,24 +12,30 @@ import copy
 import shutil
 from pathlib import Path
 
+from incdet.config import apply_override, parse_override
 from incdet.step import load_experiment, run_step
 
 
-def run_protocol(cfg: dict, work_dir: str | Path, methods: list[str],
+def method_variants(methods: list[str]) -> dict[str, list[str]]:
+    return {m: [f"incremental.method={m}"] for m in methods}
+
+
+def run_protocol(cfg: dict, work_dir: str | Path, variants: dict[str, list[str]],
                  progress: bool = True) -> dict[str, list[dict]]:
-    """Returns ``{method: [metrics of step 0, 1, ...]}``."""
+    """Returns ``{variant: [metrics of step 0, 1, ...]}``."""
     work_dir = Path(work_dir)
     _, _, classes = load_experiment(cfg, progress)
     results: dict[str, list[dict]] = {}
-    for i, method in enumerate(methods):
-        mcfg = copy.deepcopy(cfg)
-        mcfg["incremental"]["method"] = method
-        mdir = work_dir / method
-        first = work_dir / methods[0] / "step_0"
-        if i > 0 and (first / "metrics.json").is_file() and \
-                not (mdir / "step_0" / "metrics.json").is_file():
-            shutil.copytree(first, mdir / "step_0", dirs_exist_ok=True)
-        results[method] = [run_step(mcfg, t, mdir, progress=progress)
-                           for t in range(classes.num_steps)]
+    first = None
+    for name, overrides in variants.items():
+        vcfg = copy.deepcopy(cfg)
+        for item in overrides:
+            apply_override(vcfg, *parse_override(item))
+        vdir = work_dir / name
+        if first is not None and (first / "step_0" / "metrics.json").is_file() and \
+                not (vdir / "step_0" / "metrics.json").is_file():
+            shutil.copytree(first / "step_0", vdir / "step_0", dirs_exist_ok=True)
+        first = first or vdir
+        results[name] = [run_step(vcfg, t, vdir, progress=progress)
+                         for t in range(classes.num_steps)]
     return results
-

@@ -21,7 +21,7 @@ import torch
 from incdet import methods
 from incdet.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from incdet.classes import ClassSpace
-from incdet.config import dump_config, strip_private
+from incdet.config import dump_config, strip_private, with_defaults
 from incdet.data.dataset import DetectionDataset, make_loader
 from incdet.data.sampler import MixedBatchSampler
 from incdet.data.records import filter_for_classes
@@ -310,7 +310,7 @@ def model_from_checkpoint(ckpt: dict, cfg: dict | None = None):
     """Rebuild the model of a checkpoint (on CPU, in eval mode)."""
     from incdet.model.builder import build_model
 
-    model = build_model((cfg or ckpt["config"])["model"], ckpt["head_layout"])
+    model = build_model((cfg or with_defaults(ckpt["config"]))["model"], ckpt["head_layout"])
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
@@ -320,7 +320,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, cfg: dict | None = None,
     """Evaluate a step's checkpoint on the validation set of ``cfg`` (default: the config saved
     in the checkpoint). Returns the evaluation (groups and per-class AP) and the class space."""
     ckpt = load_checkpoint(ckpt_path)
-    cfg = cfg or dict(ckpt["config"])
+    cfg = cfg or with_defaults(ckpt["config"])
     _, val_set, classes = load_experiment(cfg, progress)
     t = int(ckpt["step"])
     check_compatible(ckpt, ckpt_path, list(classes.order), [list(s) for s in classes.steps], t)

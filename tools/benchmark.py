@@ -65,7 +65,15 @@ def main(argv=None) -> int:
             name = "shapes_2step" if section == "2step" else "shapes_4step"
             cfg = load_config(f"configs/{name}.yaml",
                               args.overrides + [f"train.max_iters={iters}"])
-            r = benchmarks.accuracy(cfg, f"{args.out}/{name}_{iters}", methods, progress)
+            variants = {}
+            for m in methods:
+                if m == "incdet":
+                    # with the exemplar memory (memory.budget of the config) and without
+                    variants["incdet_memory"] = ["incremental.method=incdet"]
+                    variants["incdet"] = ["incremental.method=incdet", "memory.budget=0"]
+                else:
+                    variants[m] = [f"incremental.method={m}", "memory.budget=0"]
+            r = benchmarks.accuracy(cfg, f"{args.out}/{name}_{iters}", variants, progress)
             r["config"] = f"configs/{name}.yaml"
             r["seed"] = cfg["train"]["seed"]
             print(f"[{section}] final AP (all classes): " + ", ".join(

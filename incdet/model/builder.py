@@ -138,7 +138,8 @@ def build_model(mcfg: dict, classes_per_step: Sequence[int]) -> RetinaNet:
                       max_size=mcfg["max_size"], anchor_generator=anchors, head=head,
                       score_thresh=mcfg["score_thresh"], nms_thresh=mcfg["nms_thresh"],
                       detections_per_img=mcfg["detections_per_img"],
-                      topk_candidates=mcfg["topk_candidates"])
+                      topk_candidates=mcfg["topk_candidates"],
+                      fg_iou_thresh=mcfg["fg_iou_thresh"], bg_iou_thresh=mcfg["bg_iou_thresh"])
     return model
 
 

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from incdet.config import DEFAULTS
+from incdet.data.sampler import MixedBatchSampler
+from incdet.engine import lr_factor, train, weighted_total
+from incdet.errors import UserError
+
+
+def test_warmup_then_cosine_and_step_schedules():
+    t = dict(DEFAULTS["train"], warmup_iters=10, warmup_factor=0.1, schedule="cosine")
+    assert lr_factor(0, 100, t) == pytest.approx(0.1)
+    assert lr_factor(5, 100, t) == pytest.approx(0.55)
+    assert lr_factor(10, 100, t) == pytest.approx(1.0)
+    assert lr_factor(55, 100, t) == pytest.approx(0.5)
+    assert lr_factor(100, 100, t) == pytest.approx(0.0, abs=1e-12)
+    s = dict(t, schedule="step", lr_steps=[0.5, 0.8], lr_gamma=0.1)
+    assert [lr_factor(i, 100, s) for i in (20, 49, 50, 79, 80)] == \
+        pytest.approx([1, 1, 0.1, 0.1, 0.01])
+
+
+def test_weighted_total_uses_prefix_weights_for_per_step_terms():
+    losses = {"loss_cls": torch.tensor(1.0), "loss_distill_cls_0": torch.tensor(2.0),
+              "loss_distill_cls_1": torch.tensor(3.0)}
+    w = {"loss_cls": 1.0, "loss_distill_cls": 0.5}
+    assert weighted_total(losses, w).item() == pytest.approx(1 + 0.5 * 5)
+    with pytest.raises(KeyError):
+        weighted_total({"loss_new": torch.tensor(1.0)}, w)
+
+
+def test_mixed_batches_hold_memory_images_at_the_ratio():
+    g = torch.Generator().manual_seed(0)
+    sampler = MixedBatchSampler(num_new=20, num_memory=3, batch_size=4, fraction=0.25,
+                                generator=g)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 7
+    assert all(sum(i >= 20 for i in b) == 1 for b in batches)
+    new_seen = sorted(i for b in batches for i in b if i < 20)
+    assert new_seen == list(range(20))  # one pass over the new images per epoch
+
+
+def test_non_finite_loss_stops_with_the_terms(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    loader = [([torch.zeros(2)], [{}])] * 3
+    calls = []
+
+    def loss_fn(images, targets):
+        calls.append(1)
+        out = model(images[0]).sum()
+        bad = out * float("nan") if len(calls) == 2 else out * 0
+        return {"loss_cls": bad, "loss_box": out * 0}
+
+    saved = []
+    with pytest.raises(UserError, match=r"non-finite loss at iteration 1 \(loss_cls=nan, "
+                                        r"loss_box=-?0\)"):
+        train(model, loss_fn, loader, optimizer, scheduler, dict(DEFAULTS["train"]),
+              {"loss_cls": 1.0, "loss_box": 1.0}, 10, "cpu", tmp_path,
+              on_epoch_end=lambda e, i: saved.append(i), progress=False)
+    assert saved == []  # nothing was checkpointed from the failing epoch
