@@ -18,7 +18,7 @@ from incdet.step import load_experiment
 
 def accuracy(cfg: dict, work_dir: Path, variants: dict[str, list[str]], progress: bool) -> dict:
     """Final AP per variant, its ratio to ``joint``, and old-class retention."""
-    res = run_protocol(cfg, work_dir, variants, progress)
+    res = run_protocol(cfg, work_dir, variants, progress, joint_last_only=True)
     out = {"steps": {m: [{"step": s["step"], "map": {g: s["map"][g]["AP"] for g in s["map"]},
                           "forgetting": s["forgetting"], "seconds": s["train"]["seconds"]}
                          for s in steps] for m, steps in res.items()}}
@@ -29,7 +29,8 @@ def accuracy(cfg: dict, work_dir: Path, variants: dict[str, list[str]], progress
     base = {m: steps[0]["map"]["new"]["AP"] for m, steps in res.items()}
     # retention of the step-0 classes: their AP at the last step over their AP at step 0
     out["step0_retention"] = {m: (steps[-1]["groups"]["step_0"]["AP"] / base[m]
-                                  if base[m] else None) for m, steps in res.items()}
+                                  if base[m] and steps[0]["step"] == 0 else None)
+                              for m, steps in res.items()}
     out["old_ap_retention"] = {
         m: (steps[-1]["map"]["old"]["AP"] / _old_ap_when_learned(steps)
             if _old_ap_when_learned(steps) else None) for m, steps in res.items()}

@@ -17,6 +17,8 @@ from incdet.errors import UserError
 
 # Default values for every key. A value that is a dict here is a section: the user's value for it
 # must be a dict too, and its keys are checked. Anything else is a leaf and may take any YAML value.
+# The defaults are the CPU preset for the built-in dataset (from-scratch mobilenet_v3_large FPN,
+# narrow head, 128 px images, AdamW); the COCO / VOC configs override the model and schedule.
 DEFAULTS: dict[str, Any] = {
     "data": {
         "format": "coco",  # coco | voc
@@ -40,9 +42,9 @@ DEFAULTS: dict[str, Any] = {
         "head_norm": "groupnorm",  # groupnorm | none
         "anchor_sizes": [16, 32, 64, 128, 256],  # one base size per FPN level P3..P7
         "anchor_scales": 3,  # octave scales per level: size * 2**(i/n), i < n
-        "aspect_ratios": [0.5, 1.0, 2.0],
-        "fg_iou_thresh": 0.5,  # anchor-to-box IoU for a positive anchor
-        "bg_iou_thresh": 0.4,  # below it an anchor is background; between the two, ignored
+        "aspect_ratios": [1.0],  # the built-in shapes are roughly square; COCO uses 0.5, 1, 2
+        "fg_iou_thresh": 0.4,  # anchor-to-box IoU for a positive anchor
+        "bg_iou_thresh": 0.3,  # below it an anchor is background; between the two, ignored
         "min_size": 128,
         "max_size": 128,
         "score_thresh": 0.05,
@@ -71,19 +73,19 @@ DEFAULTS: dict[str, Any] = {
     "train": {
         "epochs": 12,
         "max_iters": None,  # stop after this many iterations (overrides epochs when set)
-        "batch_size": 8,
-        "optimizer": "sgd",  # sgd | adamw
-        "lr": 0.02,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
+        "batch_size": 16,
+        "optimizer": "adamw",  # sgd | adamw
+        "lr": 0.005,
+        "momentum": 0.9,  # sgd only
+        "weight_decay": 0.05,
         "schedule": "cosine",  # cosine | step
         "lr_steps": [0.67, 0.89],  # step schedule: fractions of the run at which lr *= lr_gamma
         "lr_gamma": 0.1,
-        "warmup_iters": 300,
+        "warmup_iters": 100,
         "warmup_factor": 0.001,
         "grad_clip": 10.0,  # max gradient norm (null: off)
         "seed": 0,
-        "num_workers": 2,
+        "num_workers": 1,
         "threads": None,  # torch intra-op threads (null: torch's default)
         "device": "auto",  # auto | cpu | cuda | cuda:N
         "log_every": 20,

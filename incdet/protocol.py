@@ -21,8 +21,12 @@ def method_variants(methods: list[str]) -> dict[str, list[str]]:
 
 
 def run_protocol(cfg: dict, work_dir: str | Path, variants: dict[str, list[str]],
-                 progress: bool = True) -> dict[str, list[dict]]:
-    """Returns ``{variant: [metrics of step 0, 1, ...]}``."""
+                 progress: bool = True, joint_last_only: bool = False) -> dict[str, list[dict]]:
+    """Returns ``{variant: [metrics of step 0, 1, ...]}``.
+
+    ``joint_last_only``: a ``joint`` variant trains only the last step (from scratch on every
+    class; its earlier steps do not influence it), for benchmarks that compare final figures.
+    """
     work_dir = Path(work_dir)
     _, _, classes = load_experiment(cfg, progress)
     results: dict[str, list[dict]] = {}
@@ -36,6 +40,9 @@ def run_protocol(cfg: dict, work_dir: str | Path, variants: dict[str, list[str]]
                 not (vdir / "step_0" / "metrics.json").is_file():
             shutil.copytree(first / "step_0", vdir / "step_0", dirs_exist_ok=True)
         first = first or vdir
-        results[name] = [run_step(vcfg, t, vdir, progress=progress)
-                         for t in range(classes.num_steps)]
+        steps = range(classes.num_steps)
+        if joint_last_only and vcfg["incremental"]["method"] == "joint":
+            steps = sorted({0, classes.num_steps - 1} if (vdir / "step_0").is_dir()
+                           else {classes.num_steps - 1})
+        results[name] = [run_step(vcfg, t, vdir, progress=progress) for t in steps]
     return results
