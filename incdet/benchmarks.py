@@ -120,3 +120,25 @@ def training_throughput(cfg: dict, iters: int = 30, progress: bool = False) -> d
     seconds = time.perf_counter() - t0
     return {"iters": iters, "batch_size": int(tcfg["batch_size"]),
             "images_per_second": seen / seconds, "threads": torch.get_num_threads()}
+
+
+def herding_time(num_images: list[int], classes: int = 10, dim: int = 64, quota: int = 20,
+                 boxes_per_image: float = 2.5, seed: int = 0) -> dict:
+    """Seconds to rank every class by herding (up to ``quota`` each) for several dataset sizes,
+    on random L2-normalised (image, class) features of ``dim`` channels (the FPN width)."""
+    from incdet.memory import rank_classes
+
+    rng = torch.Generator().manual_seed(seed)
+    out = {}
+    for n in num_images:
+        feats = {}
+        pairs = int(n * boxes_per_image)
+        img = torch.randint(0, n, (pairs,), generator=rng).tolist()
+        cls = torch.randint(0, classes, (pairs,), generator=rng).tolist()
+        vecs = torch.nn.functional.normalize(torch.randn(pairs, dim, generator=rng), dim=1)
+        for i, c, v in zip(img, cls, vecs):
+            feats[(i, c)] = v
+        t0 = time.perf_counter()
+        rank_classes(feats, list(range(classes)), "herding", quota)
+        out[n] = {"pairs": len(feats), "seconds": time.perf_counter() - t0}
+    return out

@@ -15,7 +15,7 @@ import time
 
 from incdet.cli import main_guard, setup_logging
 
-SECTIONS = ("throughput", "cost", "2step", "4step")
+SECTIONS = ("throughput", "cost", "herding", "2step", "4step")
 
 
 def main(argv=None) -> int:
@@ -61,6 +61,12 @@ def main(argv=None) -> int:
             r = benchmarks.iteration_cost(cfg, iters=5 if args.quick else 15)
             print(f"[cost] iteration with teacher / without: {r['ratio']:.2f}x "
                   f"({r['incdet_s']:.3f}s vs {r['plain_s']:.3f}s, batch {r['batch_size']})")
+        elif section == "herding":
+            n = 1000 if args.quick else 4000
+            r = benchmarks.herding_time([n, 2 * n, 4 * n])
+            print("[herding] " + ", ".join(f"{k} images ({v['pairs']} image-class pairs): "
+                                           f"{v['seconds']:.2f}s" for k, v in r.items()))
+            r["ratio_4n_to_n"] = r[4 * n]["seconds"] / r[n]["seconds"]
         else:
             name = "shapes_2step" if section == "2step" else "shapes_4step"
             cfg = load_config(f"configs/{name}.yaml",

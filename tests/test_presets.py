@@ -1,0 +1,36 @@
+"""Every shipped config resolves, and its split resolves against the real class lists."""
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from incdet.classes import ClassSpace
+from incdet.config import load_config
+from incdet.data.synthetic import CATEGORIES as SHAPES
+from incdet.data.voc import VOC_CATEGORIES
+
+COCO = json.loads((ROOT / "incdet" / "data" / "coco_categories.json").read_text())
+PRESETS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("_"))
+EXPECTED_STEPS = {"coco_40+40": [40, 40], "coco_70+10": [70, 10],
+                  "coco_40+10x4": [40, 10, 10, 10, 10], "coco_40+20x2": [40, 20, 20],
+                  "voc_10+10": [10, 10], "voc_15+5": [15, 5], "voc_19+1": [19, 1],
+                  "voc_15+1x5": [15, 1, 1, 1, 1, 1], "shapes_2step": [5, 5],
+                  "shapes_4step": [4, 2, 2, 2], "shapes_joint": [10]}
+
+
+def test_coco_list_is_the_2017_one():
+    assert len(COCO) == 80 and COCO[0] == {"id": 1, "name": "person"}
+    assert COCO[-1] == {"id": 90, "name": "toothbrush"}
+    assert len({c["id"] for c in COCO}) == 80
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_resolves(path: Path):
+    cfg = load_config(path)
+    cats = {"coco": COCO, "voc": VOC_CATEGORIES}[cfg["data"]["format"]] \
+        if not path.stem.startswith("shapes") else SHAPES
+    classes = ClassSpace(cats, cfg["split"], cfg["class_order"])
+    assert [len(s) for s in classes.steps] == EXPECTED_STEPS[path.stem]
+    assert sorted(classes.order) == sorted(c["id"] for c in cats)
+    assert Path(cfg["data"]["root"]).is_absolute()
