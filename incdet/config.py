@@ -73,7 +73,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {
         "epochs": 12,
         "max_iters": None,  # stop after this many iterations (overrides epochs when set)
-        "batch_size": 16,
+        "batch_size": 8,
         "optimizer": "adamw",  # sgd | adamw
         "lr": 0.005,
         "momentum": 0.9,  # sgd only

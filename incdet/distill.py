@@ -56,33 +56,35 @@ def select_anchors(teacher_logits: torch.Tensor, rule: str = "erd", topk: int = 
 def cls_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                      mask: torch.Tensor, form: str = "sigmoid_kd",
                      temperature: float = 2.0) -> torch.Tensor:
-    """Distillation of (N, HWA, K_f) logits on the (N, HWA) anchors in ``mask``; mean over the
-    selected anchors and the K_f classes (0 when no anchor is selected)."""
+    """Distillation of (N, HWA, K_f) logits on the (N, HWA) anchors in ``mask``: summed over
+    the K_f classes, averaged over the selected anchors (0 when no anchor is selected), so that
+    a group's term does not shrink as the number of its classes grows."""
     if form not in CLS_FORMS:
         raise UserError(f"incremental.cls_distill: {form!r} is not one of {', '.join(CLS_FORMS)}")
     s, t = student_logits[mask], teacher_logits[mask]  # (M, K_f)
     if s.numel() == 0:
         return student_logits.sum() * 0.0
     if form == "l2":
-        return (s - t).pow(2).mean()
+        return (s - t).pow(2).sum(1).mean()
     p = torch.sigmoid(t / temperature)
     # KL(p || q) for Bernoulli variables = BCE(q_logits, p) - H(p)
     kl = F.binary_cross_entropy_with_logits(s / temperature, p, reduction="none") \
         - F.binary_cross_entropy_with_logits(t / temperature, p, reduction="none")
-    return kl.mean() * temperature ** 2
+    return kl.sum(1).mean() * temperature ** 2
 
 
 def box_distillation(student_deltas: torch.Tensor, teacher_deltas: torch.Tensor,
                      mask: torch.Tensor, form: str = "l2") -> torch.Tensor:
-    """Distillation of (N, HWA, 4) box deltas on the anchors in ``mask`` (mean)."""
+    """Distillation of (N, HWA, 4) box deltas on the anchors in ``mask`` (summed over the four
+    deltas, averaged over anchors)."""
     if form not in BOX_FORMS:
         raise UserError(f"incremental.box_distill: {form!r} is not one of {', '.join(BOX_FORMS)}")
     s, t = student_deltas[mask], teacher_deltas[mask]
     if form == "none" or s.numel() == 0:
         return student_deltas.sum() * 0.0
     if form == "l2":
-        return (s - t).pow(2).mean()
-    return F.smooth_l1_loss(s, t, beta=1.0 / 9)
+        return (s - t).pow(2).sum(1).mean()
+    return F.smooth_l1_loss(s, t, beta=1.0 / 9, reduction="none").sum(1).mean()
 
 
 def pseudo_labels(teacher, head_outputs: dict, anchors: list[torch.Tensor], image_sizes,

@@ -48,6 +48,11 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M"), "iters_per_step": iters,
               "overrides": args.overrides, "results": {}}
     out_path = f"{args.out}/benchmark.json"
+    try:  # keep the sections of earlier runs that this run does not redo
+        with open(out_path) as f:
+            report["results"] = json.load(f).get("results", {})
+    except (OSError, ValueError):
+        pass
     for section in sections:
         if section not in SECTIONS:
             raise SystemExit(f"unknown section {section!r}; choose from {', '.join(SECTIONS)}")
@@ -90,6 +95,9 @@ def main(argv=None) -> int:
             print(f"[{section}] step-0 classes kept (AP last / AP at step 0): " + ", ".join(
                 f"{m}={'-' if v is None else format(v, '.2f')}"
                 for m, v in r["step0_retention"].items()))
+        r["iters_per_step"] = iters if section in ("2step", "4step") else None
+        r["overrides"] = args.overrides
+        r["date"] = report["date"]
         report["results"][section] = r
         atomic_write_json(out_path, report)
     print(f"results: {out_path}")
