@@ -1,0 +1,52 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from incdet.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from incdet.errors import UserError
+
+
+class _Payload:
+    """Unpickling this runs code (creates a marker file): a checkpoint must never do that."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_malicious_checkpoint_is_refused_and_its_code_does_not_run(tmp_path):
+    marker = str(tmp_path / "pwned")
+    path = tmp_path / "checkpoint.pt"
+    with open(path, "wb") as f:
+        torch.save({"format": "incdet", "model": _Payload(marker)}, f)
+    with pytest.raises(UserError, match="refused to load: the file is not a data-only checkpoint"):
+        load_checkpoint(path)
+    assert not os.path.exists(marker)
+    # a plain pickle file is refused too
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(UserError):
+        load_checkpoint(raw)
+    assert not os.path.exists(marker)
+
+
+def test_round_trip_and_compatibility_checks(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"step": 1, "class_order": [3, 1, 2], "steps": [[3, 1], [2]],
+                           "model": {"w": torch.ones(2)}, "config": {"a": None}})
+    ckpt = load_checkpoint(path)
+    assert ckpt["format"] == "incdet" and torch.equal(ckpt["model"]["w"], torch.ones(2))
+    check_compatible(ckpt, path, [3, 1, 2], [[3, 1], [2]], 1)
+    with pytest.raises(UserError, match="of step 1, expected step 0"):
+        check_compatible(ckpt, path, [3, 1, 2], [[3, 1], [2]], 0)
+    with pytest.raises(UserError, match="another class order or split"):
+        check_compatible(ckpt, path, [1, 3, 2], [[1, 3], [2]], 1)
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError):
+        load_checkpoint(tmp_path / "junk.pt")
