@@ -89,6 +89,7 @@ DEFAULTS: dict[str, Any] = {
         "threads": None,  # torch intra-op threads (null: torch's default)
         "device": "auto",  # auto | cpu | cuda | cuda:N
         "log_every": 20,
+        "checkpoint_every": 200,  # also save last.pt every N iterations (0: at epoch ends only)
     },
     "eval": {"batch_size": 16},
     "incremental": {

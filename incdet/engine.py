@@ -103,12 +103,17 @@ class TrainResult:
 def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, scheduler, tcfg: dict,
           weights: dict[str, float], total_iters: int, device, log_dir: Path, writer=None,
           start_iter: int = 0, start_epoch: int = 0, on_epoch_end: Callable | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, on_checkpoint: Callable | None = None,
+          shuffle_generator: torch.Generator | None = None,
+          resume_position: tuple[torch.Tensor, int] | None = None) -> TrainResult:
     """Train until ``total_iters`` iterations; returns counts and timing of this call.
 
-    ``on_epoch_end(epoch, iteration)`` is called after every epoch (checkpointing). A non-finite
-    loss raises :class:`UserError` with every loss term in the message; nothing is saved for the
-    failing iteration, so the last checkpoint stays the last good one.
+    ``on_epoch_end(epoch, iteration)`` is called after every epoch and
+    ``on_checkpoint(epoch, iteration, (epoch_rng_state, batches_done))`` every
+    ``train.checkpoint_every`` iterations (checkpointing). ``resume_position`` restores the
+    shuffling state of an interrupted epoch and skips the batches it had already trained on.
+    A non-finite loss raises :class:`UserError` with every loss term in the message; nothing is
+    saved for the failing iteration, so the last checkpoint stays the last good one.
     """
     result = TrainResult()
     it, epoch = start_iter, start_epoch
@@ -117,11 +122,19 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
     bar = tqdm(total=total_iters, initial=it, desc="training", disable=not progress,
                dynamic_ncols=True)
     t_start = time.perf_counter()
+    every = int(tcfg.get("checkpoint_every") or 0)
+    skip = 0
+    if resume_position is not None and shuffle_generator is not None:
+        shuffle_generator.set_state(resume_position[0])
+        skip = int(resume_position[1])
     while it < total_iters:
         model.train()
         sums: dict[str, float] = {}
         n_batches, t_epoch, epoch_images = 0, time.perf_counter(), 0
-        for images, targets in loader:
+        epoch_rng = shuffle_generator.get_state() if shuffle_generator is not None else None
+        for b, (images, targets) in enumerate(loader):
+            if b < skip:  # already trained on before the interruption
+                continue
             images = [img.to(device, non_blocking=True) for img in images]
             targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
                        for t in targets]
@@ -157,6 +170,9 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
             bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2g}")
             if it >= total_iters:
                 break
+            if every and on_checkpoint is not None and it % every == 0:
+                on_checkpoint(epoch, it, (epoch_rng, b + 1))
+        skip = 0
         seconds = time.perf_counter() - t_epoch
         result.images += epoch_images
         if n_batches == 0:

@@ -234,19 +234,28 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
         scheduler.load_state_dict(ts["scheduler"])
         start_iter, start_epoch = ts["iteration"], ts["epoch"]
         torch.set_rng_state(ts["torch_rng"])
-        _shuffle_generator(loader).set_state(ts["loader_rng"])
-        log.info("resuming step %d at iteration %d (epoch %d)", t, start_iter, start_epoch)
+        resume_position = (ts["epoch_rng"], ts["batches_done"])
+        log.info("resuming step %d at iteration %d (epoch %d, batch %d)", t, start_iter,
+                 start_epoch, ts["batches_done"])
+    else:
+        resume_position = None
 
-    def save_last(epoch: int, iteration: int) -> None:
+    def save_last(epoch: int, iteration: int, position=None) -> None:
+        """``last.pt``: everything needed to continue at ``iteration``; ``position`` is the
+        shuffling state at the start of ``epoch`` and the batches of it already trained on
+        (None after a complete epoch)."""
         if iteration >= total_iters:
             return
+        if position is None:
+            position = (_shuffle_generator(loader).get_state(), 0)
         save_checkpoint(last_path, dict(base, head_layout=head_layout(student),
                                         model=student.state_dict(), history=[],
                                         train_state={"optimizer": optimizer.state_dict(),
                                                      "scheduler": scheduler.state_dict(),
                                                      "iteration": iteration, "epoch": epoch,
                                                      "torch_rng": torch.get_rng_state(),
-                                                     "loader_rng": _shuffle_generator(loader).get_state()}))
+                                                     "epoch_rng": position[0],
+                                                     "batches_done": position[1]}))
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -255,7 +264,9 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     try:
         result = train(student, criterion, loader, optimizer, scheduler, tcfg, weights,
                        total_iters, device, step_dir, writer, start_iter, start_epoch,
-                       on_epoch_end=save_last, progress=progress)
+                       on_epoch_end=save_last, progress=progress, on_checkpoint=save_last,
+                       shuffle_generator=_shuffle_generator(loader),
+                       resume_position=resume_position)
         new_memory = None
         if plan.uses_memory:
             new_memory = select_memory(cfg, student, records, memory, sc, device, progress)
