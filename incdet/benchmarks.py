@@ -145,3 +145,45 @@ def herding_time(num_images: list[int], classes: int = 10, dim: int = 64, quota:
             best = min(best, time.perf_counter() - t0)
         out[n] = {"pairs": len(feats), "seconds": best}
     return out
+
+
+def _f(v, spec=".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def markdown(report: dict) -> str:
+    """The README's figures table from a benchmark JSON."""
+    res = report["results"]
+    lines = ["| figure | value | goal |", "|---|---|---|"]
+    if "throughput" in res:
+        lines.append(f"| step-0 training throughput (CPU preset, batch "
+                     f"{res['throughput']['batch_size']}) | "
+                     f"{res['throughput']['images_per_second']:.1f} images/s | ≥ 20 |")
+    if "cost" in res:
+        c = res["cost"]
+        lines.append(f"| incremental iteration / plain iteration (same batch) | "
+                     f"{c['ratio']:.2f}× ({c['incdet_s']:.3f} s vs {c['plain_s']:.3f} s) | ≤ 1.4× |")
+    if "herding" in res:
+        h = {k: v for k, v in res["herding"].items() if isinstance(v, dict) and "pairs" in v}
+        ks = sorted(h, key=int)
+        lines.append("| herding time at N / 2N / 4N images | " + " / ".join(
+            f"{h[k]['seconds']:.2f} s ({h[k]['pairs']} pairs)" for k in ks) + " | linear |")
+    for name, goal in (("2step", {"incdet": "≥ 0.85", "incdet_memory": "≥ 0.95"}),
+                       ("4step", {"incdet": "≥ 0.75", "incdet_memory": "≥ 0.90"})):
+        if name not in res:
+            continue
+        r = res[name]
+        it = r.get("iters_per_step")
+        lines.append(f"| {name}: joint AP (all classes, {it} iterations) | "
+                     f"{_f(r['final_ap'].get('joint'))} | reference |")
+        for m, ap in r["final_ap"].items():
+            if m == "joint":
+                continue
+            ratio = r.get("ratio_to_joint", {}).get(m)
+            lines.append(f"| {name}: {m} AP / joint | {_f(ap)} / {_f(r['final_ap'].get('joint'))}"
+                         f" = {_f(ratio, '.2f')} | {goal.get(m, '–')} |")
+        for m, v in r["step0_retention"].items():
+            if m != "joint":
+                lines.append(f"| {name}: {m} step-0 classes' AP at the last step / at step 0 | "
+                             f"{_f(v, '.2f')} | {'< 0.3' if m == 'finetune' else 'high'} |")
+    return "\n".join(lines)

@@ -28,8 +28,16 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override for every section")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the figures table of OUT/benchmark.json and exit")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.markdown:
+        from incdet.benchmarks import markdown
+
+        with open(f"{args.out}/benchmark.json") as f:
+            print(markdown(json.load(f)))
+        return 0
 
     import torch
 
