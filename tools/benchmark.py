@@ -24,7 +24,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small budgets (about 10 minutes)")
     parser.add_argument("--iters", type=int, help="training iterations per step (all methods)")
     parser.add_argument("--sections", default=",".join(SECTIONS))
-    parser.add_argument("--methods", default="incdet,finetune,joint")
+    parser.add_argument("--methods", default="incdet_memory,incdet,finetune,joint",
+                        help="variants: incdet_memory (with the exemplar memory), incdet, "
+                             "finetune, joint (without memory)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override for every section")
     parser.add_argument("--no-progress", action="store_true")
@@ -86,10 +88,8 @@ def main(argv=None) -> int:
                               args.overrides + [f"train.max_iters={iters}"])
             variants = {}
             for m in methods:
-                if m == "incdet":
-                    # with the exemplar memory (memory.budget of the config) and without
-                    variants["incdet_memory"] = ["incremental.method=incdet"]
-                    variants["incdet"] = ["incremental.method=incdet", "memory.budget=0"]
+                if m == "incdet_memory":  # with the exemplar memory (memory.budget of the config)
+                    variants[m] = ["incremental.method=incdet"]
                 else:
                     variants[m] = [f"incremental.method={m}", "memory.budget=0"]
             r = benchmarks.accuracy(cfg, f"{args.out}/{name}_{iters}", variants, progress)
