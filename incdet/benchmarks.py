@@ -89,19 +89,15 @@ def iteration_cost(cfg: dict, iters: int = 10, batch_size: int = 8, progress: bo
 
 def training_throughput(cfg: dict, iters: int = 30, progress: bool = False) -> dict:
     """Images/s of the step-0 training loop (data loading included) over ``iters`` iterations."""
-    from incdet.data.dataset import make_loader
-    from incdet.data.transforms import build_train_transform
+    from incdet.step import _train_loader
 
     seed_everything(0)
     train_set, _, classes = load_experiment(cfg, progress)
     sc = classes.step(0)
     plan = methods.plan_step("joint", classes, sc)
     records = filter_for_classes(train_set.records, plan.train_classes)
-    dataset = DetectionDataset(records, classes.label_of, [plan.label_space] * len(records),
-                               build_train_transform(cfg["augment"]))
     tcfg = cfg["train"]
-    loader = make_loader(dataset, int(tcfg["batch_size"]), True, int(tcfg["num_workers"]), 0,
-                         drop_last=True)
+    loader = _train_loader(cfg, classes, records, plan.label_space, None, seed=0)
     model = methods.build_student(cfg, sc, plan, None)
     loss_fn = methods.make_criterion(cfg, model, None, plan, classes, sc)
     optimizer = build_optimizer(model, tcfg)

@@ -54,9 +54,12 @@ def predict(model, records: Sequence[ImageRecord], order: Sequence[int], batch_s
     return results
 
 
-def _summ(precision: np.ndarray, k_idx: Sequence[int], t=slice(None), area: int = 0) -> float | None:
-    s = precision[t][:, :, list(k_idx), area, -1] if isinstance(t, slice) else \
-        precision[[t]][:, :, list(k_idx), area, -1]
+def _summ(precision: np.ndarray, k_idx: Sequence[int], t: int | None = None,
+          area: int = 0) -> float | None:
+    """Mean precision over IoU thresholds (or threshold index ``t``), recall points and the
+    classes ``k_idx``, for an area range at 100 detections; -1 entries (no ground truth) skipped."""
+    iou = slice(None) if t is None else slice(t, t + 1)
+    s = precision[iou][:, :, list(k_idx), area, -1]
     s = s[s > -1]
     return float(np.mean(s)) if s.size else None
 

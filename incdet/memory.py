@@ -101,7 +101,7 @@ def roi_features(model, records: Sequence[ImageRecord], batch_size: int, device,
     from torchvision.ops import MultiScaleRoIAlign
     from tqdm import tqdm
 
-    from incdet.data.dataset import read_image
+    from incdet.data.dataset import read_image, to_tensor
 
     model.eval()
     pooler = None
@@ -110,8 +110,7 @@ def roi_features(model, records: Sequence[ImageRecord], batch_size: int, device,
     for start in tqdm(range(0, len(records), batch_size), desc="memory features",
                       disable=not progress, leave=False):
         batch = records[start:start + batch_size]
-        images = [torch.from_numpy(read_image(r.path)).permute(2, 0, 1).float().div(255)
-                  .to(device) for r in batch]
+        images = [to_tensor(read_image(r.path)).to(device) for r in batch]
         targets = [{"boxes": torch.as_tensor(r.boxes, dtype=torch.float32, device=device),
                     "labels": torch.zeros(len(r.boxes), dtype=torch.int64, device=device)}
                    for r in batch]

@@ -55,10 +55,15 @@ class DetectionDataset(torch.utils.data.Dataset):
                             f"annotation says {rec.width}x{rec.height}; fix the annotation")
         labels = np.array([self.label_of[int(c)] for c in rec.category_ids], np.int64)
         image, boxes, labels = apply_transform(self.transform, image, rec.boxes, labels)
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+        tensor = to_tensor(image)
         target = {"boxes": torch.from_numpy(boxes).float(), "labels": torch.from_numpy(labels),
                   "image_id": rec.id, "label_space": self.label_spaces[index]}
         return tensor, target
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HWC uint8 -> CHW float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
 
 
 def collate(batch):
