@@ -1,10 +1,12 @@
 """Runs every step of a split for several variants side by side, sharing identical work.
 
 A variant is a name and config overrides (usually just ``incremental.method``); each lives in
-``work_dir/<name>/step_<t>/``. Step 0 is the same training for every variant that shares the
-model, data and training settings (the base classes, from scratch), so it is trained once, by
-the first variant, and copied. Completed steps are skipped, so an interrupted protocol resumes
-where it stopped.
+``work_dir/<name>/step_<t>/``. Step 0 trains the base classes from scratch in the same way for
+every method, so variants whose configs differ only in ``incremental`` and ``memory`` settings
+train it once (the first of them) and copy the finished folder; a variant that needs an exemplar
+memory the copy lacks selects it from the copied model. Completed steps are skipped and an
+interrupted one resumes from its ``last.pt``, so running the same protocol again continues where
+it stopped.
 """
 from __future__ import annotations
 
@@ -12,12 +14,32 @@ import copy
 import shutil
 from pathlib import Path
 
+from tqdm import tqdm
+
 from incdet.config import apply_override, parse_override
-from incdet.step import load_experiment, run_step
+from incdet.methods import memory_enabled
+from incdet.step import load_experiment, run_step, write_memory
+
+# Settings that do not change how step 0 is trained (only later steps, or what is saved after).
+_STEP0_NEUTRAL = ("incremental", "memory")
 
 
 def method_variants(methods: list[str]) -> dict[str, list[str]]:
     return {m: [f"incremental.method={m}"] for m in methods}
+
+
+def variant_configs(cfg: dict, variants: dict[str, list[str]]) -> dict[str, dict]:
+    out = {}
+    for name, overrides in variants.items():
+        vcfg = copy.deepcopy(cfg)
+        for item in overrides:
+            apply_override(vcfg, *parse_override(item))
+        out[name] = vcfg
+    return out
+
+
+def _step0_key(cfg: dict) -> str:
+    return repr({k: v for k, v in sorted(cfg.items()) if k not in _STEP0_NEUTRAL})
 
 
 def run_protocol(cfg: dict, work_dir: str | Path, variants: dict[str, list[str]],
@@ -29,20 +51,48 @@ def run_protocol(cfg: dict, work_dir: str | Path, variants: dict[str, list[str]]
     """
     work_dir = Path(work_dir)
     _, _, classes = load_experiment(cfg, progress)
+    configs = variant_configs(cfg, variants)
+    last = classes.num_steps - 1
+    skip_early = {name for name, vcfg in configs.items()
+                  if joint_last_only and vcfg["incremental"]["method"] == "joint"}
+    total = sum(2 if name in skip_early and last > 0 else last + 1 for name in configs)
     results: dict[str, list[dict]] = {}
-    first = None
-    for name, overrides in variants.items():
-        vcfg = copy.deepcopy(cfg)
-        for item in overrides:
-            apply_override(vcfg, *parse_override(item))
-        vdir = work_dir / name
-        if first is not None and (first / "step_0" / "metrics.json").is_file() and \
-                not (vdir / "step_0" / "metrics.json").is_file():
-            shutil.copytree(first / "step_0", vdir / "step_0", dirs_exist_ok=True)
-        first = first or vdir
-        steps = range(classes.num_steps)
-        if joint_last_only and vcfg["incremental"]["method"] == "joint":
-            steps = sorted({0, classes.num_steps - 1} if (vdir / "step_0").is_dir()
-                           else {classes.num_steps - 1})
-        results[name] = [run_step(vcfg, t, vdir, progress=progress) for t in steps]
+    shared: dict[str, Path] = {}  # step-0 key -> the variant folder that trained it
+    with tqdm(total=total, desc="protocol steps", disable=not progress, unit="step") as bar:
+        for name, vcfg in configs.items():
+            vdir = work_dir / name
+            key = _step0_key(vcfg)
+            results[name] = []
+            for t in range(classes.num_steps):
+                if name in skip_early and 0 < t < last:
+                    continue
+                bar.set_postfix_str(f"{name} step {t}")
+                if t == 0 and key in shared:
+                    _share_step0(shared[key], vdir, vcfg, progress)
+                elif t == 0 and name in skip_early and last > 0 and \
+                        not (vdir / "step_0" / "metrics.json").is_file():
+                    bar.update(1)  # joint's own step 0 would not influence its last step
+                    continue
+                results[name].append(run_step(vcfg, t, vdir, resume=True, progress=progress))
+                if t == 0:
+                    shared.setdefault(key, vdir)
+                bar.update(1)
     return results
+
+
+def _share_step0(source: Path, vdir: Path, cfg: dict, progress: bool) -> None:
+    src, dst = source / "step_0", vdir / "step_0"
+    if (dst / "metrics.json").is_file() or not (src / "metrics.json").is_file():
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    uses_memory = memory_enabled(cfg) and cfg["incremental"]["method"] == "incdet"
+    for item in src.iterdir():
+        if item.name == "memory.json" and not uses_memory:
+            continue
+        if item.is_file() and item.name != "metrics.json":
+            shutil.copy2(item, dst / item.name)
+        elif item.is_dir():
+            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
+    if uses_memory and not (dst / "memory.json").is_file():
+        write_memory(cfg, 0, vdir, progress)
+    shutil.copy2(src / "metrics.json", dst / "metrics.json")  # last: the folder is complete

@@ -317,6 +317,30 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     return metrics
 
 
+def write_memory(cfg: dict, t: int, work_dir: str | Path, progress: bool = True) -> Memory:
+    """Select and write ``step_<t>/memory.json`` for a completed step trained without a memory
+    (for example a step 0 shared by a variant that uses none). Returns the memory."""
+    step_dir = Path(work_dir) / f"step_{t}"
+    ckpt = load_checkpoint(step_dir / "checkpoint.pt")
+    train_set, _, classes = load_experiment(cfg, progress)
+    check_compatible(ckpt, step_dir / "checkpoint.pt", list(classes.order),
+                     [list(s) for s in classes.steps], t)
+    sc = classes.step(t)
+    previous = None
+    if t > 0:
+        prev_path = Path(work_dir) / f"step_{t - 1}" / "memory.json"
+        if not prev_path.is_file():
+            raise UserError(f"{prev_path}: missing; the memory of step {t} extends it")
+        previous = Memory.from_json(prev_path, cfg["data"]["root"])
+    device = resolve_device(cfg["train"]["device"])
+    model = model_from_checkpoint(ckpt, cfg).to(device)
+    records = filter_for_classes(train_set.records, sc.new)
+    memory = select_memory(cfg, model, records, previous, sc, device, progress)
+    atomic_write_json(step_dir / "memory.json",
+                      memory.to_json(cfg["data"]["root"], train_set.categories, t))
+    return memory
+
+
 def model_from_checkpoint(ckpt: dict, cfg: dict | None = None):
     """Rebuild the model of a checkpoint (on CPU, in eval mode)."""
     from incdet.model.builder import build_model

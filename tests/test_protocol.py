@@ -21,3 +21,42 @@ def test_protocol_shares_step_0_and_skips_completed_steps(tiny_config, tmp_path)
     assert again == res
     assert (tmp_path / "finetune" / "step_1" / "metrics.json").stat().st_mtime_ns == mtime
     assert json.loads((tmp_path / "incdet" / "step_1" / "metrics.json").read_text())["memory"]
+
+
+def test_run_protocol_tool_writes_report_plots_and_shares_step_0(tiny_config, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_protocol", "tools/run_protocol.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    work = tmp_path / "w"
+    # finetune first: it trains step 0 without a memory, so incdet must select its own from the
+    # shared model
+    rc = tool.main(["--config", str(tiny_config), "--work-dir", str(work), "--methods",
+                    "finetune,incdet,joint", "--set", "split=5+5", "--set", "memory.budget=4",
+                    "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    summary = json.loads((work / "summary.json").read_text())
+    assert list(summary["methods"]) == ["finetune", "incdet", "joint"]
+    assert [m["step"] for m in summary["methods"]["joint"]] == [0, 1]
+    assert (work / "finetune" / "step_0" / "checkpoint.pt").read_bytes() == \
+        (work / "incdet" / "step_0" / "checkpoint.pt").read_bytes()
+    assert not (work / "finetune" / "step_0" / "memory.json").exists()
+    assert (work / "incdet" / "step_0" / "memory.json").is_file()
+    assert json.loads((work / "incdet" / "step_1" / "metrics.json").read_text())["memory"][
+        "replayed_from_previous"] > 0
+    final = {m: s[-1]["map"]["all"]["AP"] for m, s in summary["methods"].items()}
+    assert summary["final_ap"] == final
+    if final["joint"]:
+        assert summary["ratio_to_joint"]["incdet"] == final["incdet"] / final["joint"]
+    report = (work / "report.md").read_text()
+    assert report.count("| incdet | ") == 2 and "ap_over_steps.png" in report
+    ft1 = summary["methods"]["finetune"][1]
+    assert f"| finetune | 1 | {ft1['map']['old']['AP']:.3f} |" in report
+    for png in ("ap_over_steps.png", "per_class_ap.png"):
+        data = (work / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    # the terminal shows the same rows
+    assert "final all-classes AP / joint" in out or not final["joint"]
+    assert out.count("finetune") >= 2

@@ -1,0 +1,340 @@
+"""Detectors for applications: a plain torchvision RetinaNet, TorchScript and ONNX files.
+
+* :func:`to_torchvision` fuses the per-step classifier convs of a grown head into the single
+  ``cls_logits`` conv of torchvision's ``RetinaNetClassificationHead`` (weights copied into the
+  anchor-major channel layout ``anchor * K + class``), so a grown model is a stock torchvision
+  RetinaNet and costs nothing extra at inference.
+* :func:`load_detector` rebuilds that model from an incdet checkpoint with its class metadata
+  attached (``model.incdet_meta``); :class:`Detector` wraps it for ``predict(image or path)``.
+* :func:`export` writes ``F`` (TorchScript or ONNX) and ``F.json`` (metadata). The exported
+  program takes one RGB float image in [0, 1], shape (3, H, W), and returns ``boxes`` (R, 4) xyxy in
+  input pixels, ``scores`` (R,) and ``category_ids`` (R,): dataset category ids, not label indices.
+  Export checks itself: it runs the written file (``torch.jit.load`` / onnxruntime) on sample
+  images of several sizes and fails with the numbers if it disagrees with the eager model.
+
+ONNX uses the TorchScript-based exporter (``dynamo=False``) at opset 17 with dynamic height and
+width; the dynamo exporter cannot export torchvision's ``batched_nms`` (pytorch/vision#9306).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.retinanet import (RetinaNetClassificationHead, RetinaNetHead,
+                                                     RetinaNetRegressionHead)
+
+from incdet.errors import UserError
+from incdet.io import atomic_write_json
+
+FORMATS = ("torchscript", "onnx")
+INPUT = {"layout": "CHW", "channels": "RGB", "dtype": "float32", "range": [0.0, 1.0],
+         "batch": "one image per call"}
+OUTPUTS = ["boxes (R, 4) xyxy in input pixels", "scores (R,)", "category_ids (R,) int64"]
+
+
+def fuse_classifiers(head) -> nn.Conv2d:
+    """One conv equal to the per-step classifiers of an ``IncrementalClassificationHead``."""
+    a, ks = head.num_anchors, list(head.classes_per_step)
+    k = sum(ks)
+    first = head.classifiers[0]
+    fused = nn.Conv2d(first.in_channels, a * k, first.kernel_size, padding=first.padding)
+    fused = fused.to(first.weight.device, first.weight.dtype)
+    with torch.no_grad():
+        off = 0
+        for clf, ks_ in zip(head.classifiers, ks):
+            w = clf.weight.view(a, ks_, *clf.weight.shape[1:])
+            b = clf.bias.view(a, ks_)
+            fused.weight.view(a, k, *w.shape[2:])[:, off:off + ks_] = w
+            fused.bias.view(a, k)[:, off:off + ks_] = b
+            off += ks_
+    return fused
+
+
+def to_torchvision(model: RetinaNet) -> RetinaNet:
+    """A copy of ``model`` whose head is torchvision's ``RetinaNetHead`` (per-step classifiers
+    fused); outputs are identical up to float rounding."""
+    model = copy.deepcopy(model)
+    inc = model.head
+    cls_src, reg_src = inc.classification_head, inc.regression_head
+    channels, anchors = cls_src.in_channels, cls_src.num_anchors
+    head = RetinaNetHead(channels, anchors, cls_src.num_classes)
+    cls = head.classification_head
+    assert isinstance(cls, RetinaNetClassificationHead)
+    cls.conv = cls_src.conv
+    cls.cls_logits = fuse_classifiers(cls_src)
+    reg = head.regression_head
+    assert isinstance(reg, RetinaNetRegressionHead)
+    reg.conv = reg_src.conv
+    reg.bbox_reg = reg_src.bbox_reg
+    model.head = head.to(next(model.parameters()).device)
+    return model.eval()
+
+
+def metadata(ckpt: dict) -> dict:
+    """Class metadata of a checkpoint: output order, names and the step history."""
+    n = sum(ckpt["head_layout"])
+    order = [int(c) for c in ckpt["class_order"][:n]]
+    names = {str(k): v for k, v in ckpt["names"].items()}
+    return {"category_ids": order, "names": [names[str(c)] for c in order],
+            "steps": [[int(c) for c in s] for s in ckpt["steps"][:ckpt["step"] + 1]],
+            "step": int(ckpt["step"]), "method": ckpt.get("method"),
+            "score_thresh": float(ckpt["config"]["model"].get("score_thresh", 0.05)),
+            "input": INPUT, "outputs": OUTPUTS}
+
+
+def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -> RetinaNet:
+    """A torchvision RetinaNet in eval mode from an incdet checkpoint (``step_<t>/checkpoint.pt``),
+    ready for ``model([image])``. ``model.incdet_meta`` holds ``category_ids`` and ``names`` in
+    label order (label ``i`` is category ``category_ids[i]``), the step history and the score
+    threshold."""
+    from incdet.checkpoint import load_checkpoint
+    from incdet.step import model_from_checkpoint
+
+    ckpt = load_checkpoint(path)
+    model = to_torchvision(model_from_checkpoint(ckpt)).to(device)
+    model.incdet_meta = metadata(ckpt)
+    return model
+
+
+class Detector:
+    """``Detector(path).predict(image)`` -> ``[(category_id, name, score, [x0, y0, x1, y1])]``.
+
+    ``image``: a file path, a PIL image, an HxWx3 uint8 array or a (3, H, W) float tensor in [0, 1].
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, model: RetinaNet | None = None,
+                 device: str = "cpu", score_thresh: float | None = None):
+        if model is None:
+            if path is None:
+                raise ValueError("give a checkpoint path or a model from load_detector")
+            model = load_detector(path, device)
+        self.model = model.eval()
+        self.device = device
+        self.meta = model.incdet_meta
+        self.score_thresh = self.meta["score_thresh"] if score_thresh is None else score_thresh
+
+    @torch.no_grad()
+    def predict(self, image) -> list[tuple[int, str, float, list[float]]]:
+        tensor = as_image_tensor(image).to(self.device)
+        out = self.model([tensor])[0]
+        ids, names = self.meta["category_ids"], self.meta["names"]
+        result = []
+        for box, label, score in zip(out["boxes"].tolist(), out["labels"].tolist(),
+                                     out["scores"].tolist()):
+            if score >= self.score_thresh:
+                result.append((ids[label], names[label], score, box))
+        return result
+
+
+def as_image_tensor(image) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    from incdet.data.dataset import read_image, to_tensor
+
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise UserError(f"image tensor of shape {tuple(image.shape)}: expected (3, H, W) RGB")
+        return image.float()
+    if isinstance(image, (str, os.PathLike)):
+        return to_tensor(read_image(Path(image)))
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise UserError(f"image array of shape {image.shape}: expected (H, W, 3) RGB")
+        return to_tensor(image)
+    raise UserError(f"cannot read an image from a {type(image).__name__}")
+
+
+class ExportModule(nn.Module):
+    """One image in, ``(boxes, scores, category_ids)`` out: the exported program."""
+
+    def __init__(self, model: RetinaNet, category_ids: Sequence[int]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("category_ids", torch.as_tensor(list(category_ids), dtype=torch.int64))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if torch.jit.is_scripting():
+            _, detections = self.model([image])
+        else:
+            detections = self.model([image])
+        det = detections[0]
+        return det["boxes"], det["scores"], self.category_ids[det["labels"]]
+
+
+def sample_images(sizes: Sequence[tuple[int, int]] = ((128, 128), (96, 160), (150, 110)),
+                  seed: int = 0) -> list[torch.Tensor]:
+    """Images of the built-in dataset's kind at several sizes, for export checks."""
+    import numpy as np
+
+    from incdet.data import synthetic
+    from incdet.data.dataset import to_tensor
+
+    out = []
+    for i, (h, w) in enumerate(sizes):
+        img, _ = synthetic.render_image(seed, 7, i, max(h, w))
+        out.append(to_tensor(np.asarray(img)[:h, :w].copy()))
+    return out
+
+
+def compare(reference: Sequence[tuple], candidate: Sequence[tuple], rtol: float = 1e-3,
+            atol: float = 1e-2) -> str | None:
+    """None when two lists of ``(boxes, scores, ids)`` agree; otherwise a description."""
+    for i, (ref, got) in enumerate(zip(reference, candidate)):
+        rb, rs, ri = (torch.as_tensor(v) for v in ref)
+        gb, gs, gi = (torch.as_tensor(v) for v in got)
+        if rb.shape != gb.shape:
+            return f"image {i}: {len(rb)} detections from the eager model, {len(gb)} exported"
+        if not torch.equal(ri.long(), gi.long()):
+            return f"image {i}: category ids differ"
+        if len(rb):
+            db = (rb.float() - gb.float()).abs()
+            tol = atol + rtol * rb.float().abs()
+            if (db > tol).any():
+                return f"image {i}: boxes differ by up to {db.max().item():.4g} px"
+            ds = (rs.float() - gs.float()).abs().max().item()
+            if ds > 1e-4:
+                return f"image {i}: scores differ by up to {ds:.3g}"
+    return None
+
+
+def export(ckpt_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
+           opset: int = 17, check_images: Sequence[torch.Tensor] | None = None) -> dict:
+    """Write ``out`` (TorchScript or ONNX) and ``out.json``; returns the metadata written."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = load_detector(ckpt_path)
+    meta = dict(model.incdet_meta, format=fmt, file=out.name,
+                source_checkpoint=str(ckpt_path))
+    module = ExportModule(model, meta["category_ids"]).eval()
+    images = list(check_images) if check_images is not None else sample_images()
+    with torch.no_grad():
+        reference = [module(img) for img in images]
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        if fmt == "torchscript":
+            with _quiet():
+                scripted = torch.jit.script(module)
+                scripted.save(str(tmp))
+                loaded = torch.jit.load(str(tmp))
+                with torch.no_grad():
+                    got = [loaded(img) for img in images]
+        else:
+            _export_onnx(module, images[0], tmp, opset)
+            got = run_onnx(tmp, images)
+        problem = compare(reference, got)
+        if problem is not None:
+            raise UserError(f"{out}: the exported {fmt} model disagrees with the eager model "
+                            f"({problem}); nothing was written")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    meta["checked_images"] = [list(img.shape[1:]) for img in images]
+    atomic_write_json(out.with_name(out.name + ".json"), meta)
+    return meta
+
+
+def _quiet():
+    """Silence the deprecation notices of torch.jit and the tracer's warnings about Python
+    values (both expected here: torchvision's detection models are scripted and traced as
+    documented)."""
+    import warnings
+
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.simplefilter("ignore")
+    return _Exit(ctx)
+
+
+class _Exit:
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        return False
+
+
+def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    with _quiet():
+        torch.onnx.export(module, (example,), str(path), opset_version=opset,
+                          input_names=["image"],
+                          output_names=["boxes", "scores", "category_ids"],
+                          dynamic_axes={"image": {1: "height", 2: "width"},
+                                        "boxes": {0: "detections"}, "scores": {0: "detections"},
+                                        "category_ids": {0: "detections"}},
+                          dynamo=False)
+
+
+def run_onnx(path: str | os.PathLike, images: Sequence[torch.Tensor]) -> list[tuple]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("ONNX export and inference need onnxruntime: pip install onnxruntime") \
+            from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [tuple(session.run(None, {"image": img.numpy()})) for img in images]
+
+
+class Runner:
+    """One image tensor in, ``(boxes, scores, category_ids)`` numpy arrays out, from an incdet
+    checkpoint (eager), a TorchScript file or an ONNX file; ``meta`` is the class metadata."""
+
+    def __init__(self, checkpoint: str | os.PathLike | None = None,
+                 model: str | os.PathLike | None = None):
+        if (checkpoint is None) == (model is None):
+            raise UserError("give exactly one of --checkpoint and --model")
+        if checkpoint is not None:
+            detector = load_detector(checkpoint)
+            self.meta = detector.incdet_meta
+            module = ExportModule(detector, self.meta["category_ids"]).eval()
+            self._fn = lambda img: module(img)
+            self.backend = "eager"
+            return
+        path = Path(model)
+        if not path.is_file():
+            raise UserError(f"{path}: model file not found; export one with tools/export.py")
+        self.meta = read_metadata(path)
+        if path.suffix == ".onnx":
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self._fn = lambda img: session.run(None, {"image": img.numpy()})
+            self.backend = "onnxruntime"
+        else:
+            with _quiet():
+                module = torch.jit.load(str(path))
+            self._fn = lambda img: module(img)
+            self.backend = "torchscript"
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor):
+        with _quiet():
+            boxes, scores, ids = self._fn(image)
+        return (torch.as_tensor(boxes).numpy(), torch.as_tensor(scores).numpy(),
+                torch.as_tensor(ids).numpy())
+
+
+def read_metadata(model_path: str | os.PathLike) -> dict:
+    path = Path(str(model_path) + ".json")
+    if not path.is_file():
+        raise UserError(f"{path}: metadata file missing; export writes it beside the model "
+                        "(run tools/export.py again)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); export the model again") from None

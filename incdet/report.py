@@ -1,0 +1,147 @@
+"""The report of a protocol run: ``summary.json``, ``report.md`` and two plots.
+
+``summary.json``::
+
+    {"config": path, "split": "5+5", "methods": {method: [metrics.json of step 0, 1, ...]},
+     "final_ap": {method: AP}, "ratio_to_joint": {method: AP / joint AP}}
+
+``report.md`` has one table row per method and step (AP / AP50 / AP75 of old, new and all seen
+classes, mean forgetting, training time and images/s) and the final ratios to ``joint``.
+Plots: ``ap_over_steps.png`` (all-classes AP, solid, and old-class AP, dashed, per method) and
+``per_class_ap.png`` (AP of every class at the last step per method; old classes on a grey
+background, new ones on white).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from incdet.io import atomic_write_json, atomic_write_text
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _mean_forgetting(m: dict):
+    vals = [v for v in m.get("forgetting", {}).values() if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def build_summary(results: dict[str, list[dict]], config: str | None = None,
+                  split=None) -> dict:
+    final = {name: steps[-1]["map"]["all"]["AP"] for name, steps in results.items() if steps}
+    out = {"config": config, "split": split, "methods": results, "final_ap": final}
+    joint = final.get("joint")
+    if joint:
+        out["ratio_to_joint"] = {name: (v / joint if v is not None else None)
+                                 for name, v in final.items()}
+    return out
+
+
+def table(summary: dict, markdown: bool = False) -> str:
+    """Per method and step: AP/AP50/AP75 of old, new and all classes, forgetting, time."""
+    cols = ["method", "step", "old AP", "old AP50", "old AP75", "new AP", "new AP50", "new AP75",
+            "all AP", "all AP50", "all AP75", "forgetting", "train s", "img/s"]
+    rows = []
+    for name, steps in summary["methods"].items():
+        for m in steps:
+            row = [name, str(m["step"])]
+            for g in ("old", "new", "all"):
+                row += [_fmt(m["map"][g][k]) for k in ("AP", "AP50", "AP75")]
+            row += [_fmt(_mean_forgetting(m)), f"{m['train']['seconds']:.0f}",
+                    f"{m['train']['images_per_second']:.1f}"]
+            rows.append(row)
+    if markdown:
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
+                  for i, c in enumerate(cols)]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+        lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    ratios = summary.get("ratio_to_joint")
+    if ratios:
+        text = ", ".join(f"{n} {_fmt(v, '.2f')}" for n, v in ratios.items() if n != "joint")
+        lines += ["", f"final all-classes AP / joint: {text}"]
+    return "\n".join(lines)
+
+
+def plot_ap_over_steps(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, steps) in enumerate(summary["methods"].items()):
+        colour = f"C{i}"
+        xs = [m["step"] for m in steps]
+        ax.plot(xs, [m["map"]["all"]["AP"] for m in steps], "-o", color=colour,
+                label=f"{name} (all)")
+        old = [(m["step"], m["map"]["old"]["AP"]) for m in steps if m["map"]["old"]["AP"] is not None]
+        if old:
+            ax.plot(*zip(*old), "--s", color=colour, alpha=0.7, label=f"{name} (old)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("COCO AP")
+    ax.set_xticks(sorted({m["step"] for s in summary["methods"].values() for m in s}))
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("AP over steps: all seen classes (solid), old classes (dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_per_class_ap(summary: dict, names: dict[str, str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = {n: s[-1] for n, s in summary["methods"].items() if s}
+    if not methods:
+        return
+    ref = max(methods.values(), key=lambda m: m["step"])
+    old = [str(c) for c in ref["classes"]["old"]]
+    new = [str(c) for c in ref["classes"]["new"]]
+    classes = old + new
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(classes) * len(methods) + 2), 4))
+    if old:
+        ax.axvspan(-0.5, len(old) - 0.5, color="0.9", zorder=0)
+    for i, (name, m) in enumerate(methods.items()):
+        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(classes))]
+        ys = [m["per_class_ap"].get(c) or 0.0 for c in classes]
+        ax.bar(xs, ys, width, label=name, color=f"C{i}", zorder=2)
+    ax.set_xticks(range(len(classes)))
+    ax.set_xticklabels([names.get(c, c) for c in classes], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("AP")
+    ax.set_xlim(-0.5, len(classes) - 0.5)
+    ax.set_title(f"per-class AP at step {ref['step']}: old classes (grey) | new classes (white)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(results: dict[str, list[dict]], work_dir: str | Path, names: dict[str, str],
+                 config: str | None = None, split=None) -> dict:
+    """Write ``summary.json``, ``report.md`` and the plots into ``work_dir``; returns the
+    summary (with ``files``: the paths written)."""
+    work_dir = Path(work_dir)
+    summary = build_summary(results, config, split)
+    plots = {"ap_over_steps": work_dir / "ap_over_steps.png",
+             "per_class_ap": work_dir / "per_class_ap.png"}
+    plot_ap_over_steps(summary, plots["ap_over_steps"])
+    plot_per_class_ap(summary, names, plots["per_class_ap"])
+    lines = [f"# incdet protocol report: {config or ''} (split {split})", "",
+             table(summary, markdown=True), "",
+             "Forgetting: mean over earlier steps of (their AP when learned − their AP now).", "",
+             "![AP over steps](ap_over_steps.png)", "", "![per-class AP](per_class_ap.png)", ""]
+    atomic_write_text(work_dir / "report.md", "\n".join(lines))
+    atomic_write_json(work_dir / "summary.json", summary)
+    summary["files"] = {"summary": str(work_dir / "summary.json"),
+                        "report": str(work_dir / "report.md"),
+                        **{k: str(v) for k, v in plots.items()}}
+    return summary
