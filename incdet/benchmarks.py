@@ -6,6 +6,7 @@ import copy
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from incdet import methods
@@ -178,8 +179,94 @@ def markdown(report: dict) -> str:
             ratio = r.get("ratio_to_joint", {}).get(m)
             lines.append(f"| {name}: {m} AP / joint | {_f(ap)} / {_f(r['final_ap'].get('joint'))}"
                          f" = {_f(ratio, '.2f')} | {goal.get(m, '–')} |")
+        secs = r.get("last_step_seconds", {})
+        if "joint" in secs and "incdet" in secs:
+            lines.append(f"| {name}: last step wall time, incdet / joint retraining (same "
+                         f"iterations) | {secs['incdet']:.0f} s / {secs['joint']:.0f} s | – |")
         for m, v in r["step0_retention"].items():
             if m != "joint":
                 lines.append(f"| {name}: {m} step-0 classes' AP at the last step / at step 0 | "
                              f"{_f(v, '.2f')} | {'< 0.3' if m == 'finetune' else 'high'} |")
+    if "inference" in res:
+        r = res["inference"]
+        ips = r["images_per_second"]
+        lines.append("| inference images/s (1 image per call, " + str(r["image_size"]) + " px): "
+                     + ", ".join(ips) + " | " + " / ".join(f"{v:.1f}" for v in ips.values())
+                     + " | – |")
+        lines.append(f"| grown head / plain torchvision RetinaNet (same classes, inference) | "
+                     f"{r['grown_over_plain']:.3f} (fused: {r['fused_over_plain']:.3f}) | ≥ 0.97 |")
+        if "onnxruntime_over_eager" in r:
+            lines.append(f"| onnxruntime / eager inference | {r['onnxruntime_over_eager']:.2f}× "
+                         "| ≥ 1 |")
     return "\n".join(lines)
+
+
+def inference_speed(ckpt_path: str | Path, num_images: int = 64, repeats: int = 3,
+                    export_dir: str | Path | None = None) -> dict:
+    """Images/s of a grown model at inference, one image per call, on validation-like images:
+    the model as trained (one classifier conv per step), the same model fused into torchvision's
+    head (what :func:`incdet.export.load_detector` returns), and a plain torchvision RetinaNet
+    with the same total number of classes and the same weights. With ``export_dir``, also the
+    TorchScript and onnxruntime exports. Rounds alternate between the variants and the best
+    round counts, so that machine noise hits them alike."""
+    from incdet.checkpoint import load_checkpoint
+    from incdet.data import synthetic
+    from incdet.data.dataset import to_tensor
+    from incdet.export import export, to_torchvision
+    from incdet.model.builder import build_model
+    from incdet.step import model_from_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    grown = model_from_checkpoint(ckpt)
+    fused = to_torchvision(grown)
+    plain = to_torchvision(build_model(grown_cfg(ckpt)["model"], [sum(ckpt["head_layout"])]))
+    plain.load_state_dict(fused.state_dict())
+    size = int(grown_cfg(ckpt)["model"]["max_size"])
+    images = [to_tensor(np.asarray(synthetic.render_image(1, 9, i, size)[0]))
+              for i in range(num_images)]
+    runners = {"grown": lambda x: grown([x]), "grown_fused": lambda x: fused([x]),
+               "plain_torchvision": lambda x: plain([x])}
+    if export_dir is not None:
+        export_dir = Path(export_dir)
+        export(ckpt_path, "torchscript", export_dir / "model.pt", check_images=images[:2])
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scripted = torch.jit.load(str(export_dir / "model.pt"))
+        runners["torchscript"] = lambda x: scripted(x)
+        try:
+            import onnxruntime as ort
+
+            export(ckpt_path, "onnx", export_dir / "model.onnx", check_images=images[:2])
+            sess = ort.InferenceSession(str(export_dir / "model.onnx"),
+                                        providers=["CPUExecutionProvider"])
+            runners["onnxruntime"] = lambda x: sess.run(None, {"image": x.numpy()})
+        except ImportError:
+            pass
+    best = {k: float("inf") for k in runners}
+    with torch.no_grad():
+        for fn in runners.values():  # warm-up
+            for x in images[:4]:
+                fn(x)
+        for _ in range(repeats):
+            for name, fn in runners.items():
+                t0 = time.perf_counter()
+                for x in images:
+                    fn(x)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    ips = {k: num_images / v for k, v in best.items()}
+    out = {"images": num_images, "image_size": size, "threads": torch.get_num_threads(),
+           "images_per_second": ips,
+           "grown_over_plain": ips["grown"] / ips["plain_torchvision"],
+           "fused_over_plain": ips["grown_fused"] / ips["plain_torchvision"],
+           "checkpoint": str(ckpt_path), "head_layout": list(ckpt["head_layout"])}
+    if "onnxruntime" in ips:
+        out["onnxruntime_over_eager"] = ips["onnxruntime"] / ips["grown_fused"]
+    return out
+
+
+def grown_cfg(ckpt: dict) -> dict:
+    from incdet.config import with_defaults
+
+    return with_defaults(ckpt["config"])

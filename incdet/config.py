@@ -87,7 +87,10 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
         "num_workers": 1,
         "threads": None,  # torch intra-op threads (null: torch's default)
-        "device": "auto",  # auto | cpu | cuda | cuda:N
+        "device": "auto",  # auto | cpu | cuda | cuda:N (under torchrun: one GPU per process)
+        "amp": None,  # null | bf16 | fp16: autocast mixed precision (fp16 on CUDA only)
+        "channels_last": False,  # memory format for convolutions (faster on recent GPUs)
+        "sync_bn": False,  # SyncBatchNorm across processes under torchrun (GPUs)
         "log_every": 20,
         "checkpoint_every": 200,  # also save last.pt every N iterations (0: at epoch ends only)
     },

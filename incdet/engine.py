@@ -37,6 +37,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_dtype(tcfg: dict, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` (null: full precision)."""
+    amp = tcfg.get("amp")
+    if amp in (None, False, "none"):
+        return None
+    if amp not in ("bf16", "fp16"):
+        raise UserError(f"train.amp: {amp!r} is not one of null, bf16, fp16")
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("train.amp: fp16 needs a CUDA device; use bf16 on CPU, or null")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
 def build_optimizer(model: torch.nn.Module, tcfg: dict) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
@@ -123,6 +135,9 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
                dynamic_ncols=True)
     t_start = time.perf_counter()
     every = int(tcfg.get("checkpoint_every") or 0)
+    device = torch.device(device)
+    amp_dtype = autocast_dtype(tcfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     skip = 0
     if resume_position is not None and shuffle_generator is not None:
         shuffle_generator.set_state(resume_position[0])
@@ -138,7 +153,10 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
             images = [img.to(device, non_blocking=True) for img in images]
             targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
                        for t in targets]
-            losses = loss_fn(images, targets)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                losses = loss_fn(images, targets)
+            losses = {k: v.float() for k, v in losses.items()}
             total = weighted_total(losses, weights)
             if not torch.isfinite(total):
                 terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
@@ -146,11 +164,13 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
                                 "and the last good checkpoint is kept: lower train.lr or "
                                 "check the data")
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            scaler.scale(total).backward()
             if clip:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.requires_grad], float(clip))
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             it += 1
             n_batches += 1
@@ -184,8 +204,9 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
         line.update({f"{k}_weighted": round(term_w[k] * v / n_batches, 5)
                      for k, v in sums.items() if k != "loss"})
         result.epochs.append(line)
-        with open(log_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
+        if log_dir is not None:  # None on the non-main processes of a distributed run
+            with open(log_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
         epoch += 1
         if on_epoch_end is not None:
             on_epoch_end(epoch, it)

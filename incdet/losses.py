@@ -12,6 +12,8 @@ import torch
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
+from incdet.distributed import global_count
+
 BETWEEN_THRESHOLDS = det_utils.Matcher.BETWEEN_THRESHOLDS
 
 
@@ -44,7 +46,8 @@ def masked_focal_loss(cls_logits: torch.Tensor, targets: list[dict],
                       matched_idxs: list[torch.Tensor], alpha: float = 0.25,
                       gamma: float = 2.0) -> torch.Tensor:
     """Sigmoid focal loss over (N, HWA, K) logits, restricted per image to its label space,
-    normalised by the number of foreground anchors in the batch."""
+    normalised by the number of foreground anchors in the batch (the global batch under
+    several processes, see :mod:`incdet.distributed`)."""
     n, hwa, k = cls_logits.shape
     gt = torch.zeros_like(cls_logits)
     valid = torch.zeros(n, hwa, dtype=torch.bool, device=cls_logits.device)
@@ -58,7 +61,7 @@ def masked_focal_loss(cls_logits: torch.Tensor, targets: list[dict],
     weight = (valid[:, :, None] & label_space_mask(targets, k, cls_logits.device)[:, None, :]) \
         | (gt > 0)
     loss = sigmoid_focal_loss(cls_logits, gt, alpha=alpha, gamma=gamma, reduction="none")
-    return (loss * weight).sum() / max(1, num_fg)
+    return (loss * weight).sum() / max(1.0, global_count(num_fg, cls_logits.device))
 
 
 def box_regression_loss(bbox_regression: torch.Tensor, anchors: list[torch.Tensor],
@@ -83,7 +86,7 @@ def box_regression_loss(bbox_regression: torch.Tensor, anchors: list[torch.Tenso
                 torch.nn.functional.smooth_l1_loss
             kwargs = {} if kind == "l1" else {"beta": 1.0 / 9}
             total = total + fn(reg[fg], target, reduction="sum", **kwargs)
-    return total / max(1, num_fg)
+    return total / max(1.0, global_count(num_fg, bbox_regression.device))
 
 
 class DetectionLoss:

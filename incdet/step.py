@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from incdet import distributed as dist
 from incdet import methods
 from incdet.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from incdet.classes import ClassSpace
@@ -74,13 +75,24 @@ def _train_loader(cfg: dict, classes: ClassSpace, records, label_space, memory: 
     dataset = DetectionDataset(records + mem_records, classes.label_of, new_spaces + mem_spaces,
                                build_train_transform(cfg["augment"]))
     bs = int(tcfg["batch_size"])
+    world, rank = dist.world_size(), dist.rank()
+    generator = torch.Generator()
+    generator.manual_seed(int(tcfg["seed"]) + seed)
     if mem_records:
-        generator = torch.Generator()
-        generator.manual_seed(int(tcfg["seed"]) + seed)
-        sampler = MixedBatchSampler(len(records), len(mem_records), bs,
+        sampler = MixedBatchSampler(len(records), len(mem_records), bs * world,
                                     float(cfg["memory"]["replay_fraction"]), generator)
+    elif world > 1:
+        sampler = torch.utils.data.BatchSampler(
+            torch.utils.data.RandomSampler(dataset, generator=generator), bs * world,
+            drop_last=len(dataset) > bs * world)
+        sampler.generator = generator
+    else:
+        sampler = None
+    if sampler is not None:
+        if world > 1:  # every process draws the same global batches and keeps its slice
+            sampler = dist.ShardedBatchSampler(sampler, rank, world)
         loader = make_loader(dataset, bs, shuffle=False, num_workers=int(tcfg["num_workers"]),
-                             seed=int(tcfg["seed"]) + seed, batch_sampler=sampler)
+                             seed=int(tcfg["seed"]) + seed + 7919 * rank, batch_sampler=sampler)
     else:
         loader = make_loader(dataset, bs, shuffle=True, num_workers=int(tcfg["num_workers"]),
                              seed=int(tcfg["seed"]) + seed, drop_last=len(dataset) > bs)
@@ -89,8 +101,7 @@ def _train_loader(cfg: dict, classes: ClassSpace, records, label_space, memory: 
 
 
 def _shuffle_generator(loader) -> torch.Generator:
-    sampler = loader.batch_sampler
-    return sampler.generator if isinstance(sampler, MixedBatchSampler) else loader.generator
+    return getattr(loader.batch_sampler, "generator", None) or loader.generator
 
 
 def select_memory(cfg: dict, model, records, previous: Memory | None, sc, device,
@@ -178,9 +189,15 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     tcfg = cfg["train"]
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg["threads"]))
-    device = resolve_device(tcfg["device"])
+    device = resolve_device(dist.setup(tcfg["device"]))
+    main = dist.is_main()
+    progress = progress and main
     seed_everything(int(tcfg["seed"]) + t)
+    if not main:
+        dist.barrier()  # rank 0 generates the built-in dataset first when it is missing
     train_set, val_set, classes = load_experiment(cfg, progress)
+    if main:
+        dist.barrier()
     sc = classes.step(t)
     method = cfg["incremental"]["method"]
     plan = methods.plan_step(method, classes, sc, methods.memory_enabled(cfg))
@@ -208,18 +225,25 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     loader = _train_loader(cfg, classes, records, plan.label_space, memory, seed=t)
     dataset = loader.dataset
 
-    student = methods.build_student(cfg, sc, plan, previous).to(device)
+    memory_format = torch.channels_last if tcfg.get("channels_last") else torch.contiguous_format
+    student = methods.build_student(cfg, sc, plan, previous).to(device, memory_format=memory_format)
     teacher = None
     if plan.uses_teacher:
-        teacher = methods.build_teacher(cfg, previous).to(device)
+        teacher = methods.build_teacher(cfg, previous).to(device, memory_format=memory_format)
     criterion = methods.make_criterion(cfg, student, teacher, plan, classes, sc)
+    if tcfg.get("sync_bn") and dist.world_size() > 1:
+        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        criterion = methods.make_criterion(cfg, student, teacher, plan, classes, sc)
+    loss_fn, _ddp = dist.wrap(student, criterion, device)
 
     total_iters = int(tcfg["max_iters"]) if tcfg.get("max_iters") else \
         int(tcfg["epochs"]) * len(loader)
     optimizer = build_optimizer(student, tcfg)
     scheduler = build_scheduler(optimizer, tcfg, total_iters)
-    step_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, step_dir / "config.yaml")
+    if main:
+        step_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, step_dir / "config.yaml")
+    dist.barrier()
     last_path = step_dir / "last.pt"
     start_iter = start_epoch = 0
     base = {"step": t, "class_order": list(classes.order),
@@ -259,14 +283,21 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=str(step_dir))
     weights = dict(cfg["loss"]["weights"])
+    if not main:  # the other processes train, then wait for rank 0 to finish the step
+        train(student, loss_fn, loader, optimizer, scheduler, tcfg, weights, total_iters,
+              device, None, None, start_iter, start_epoch, progress=False,
+              shuffle_generator=_shuffle_generator(loader), resume_position=resume_position)
+        dist.barrier()
+        return json.loads(metrics_path.read_text())
+    writer = SummaryWriter(log_dir=str(step_dir))
     try:
-        result = train(student, criterion, loader, optimizer, scheduler, tcfg, weights,
+        result = train(student, loss_fn, loader, optimizer, scheduler, tcfg, weights,
                        total_iters, device, step_dir, writer, start_iter, start_epoch,
                        on_epoch_end=save_last, progress=progress, on_checkpoint=save_last,
                        shuffle_generator=_shuffle_generator(loader),
                        resume_position=resume_position)
+        student = _unwrap_sync_bn(student)
         new_memory = None
         if plan.uses_memory:
             new_memory = select_memory(cfg, student, records, memory, sc, device, progress)
@@ -314,7 +345,27 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
         last_path.unlink()
     log.info("step %d evaluation (%s):\n%s", t, method,
              format_table(evaluation, classes.names))
+    dist.barrier()
     return metrics
+
+
+def _unwrap_sync_bn(model):
+    """SyncBatchNorm layers back to BatchNorm2d (same parameters and statistics), so that the
+    saved model rebuilds without a process group."""
+    if not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
+        return model
+
+    def convert(module):
+        out = module
+        if isinstance(module, torch.nn.SyncBatchNorm):
+            out = torch.nn.BatchNorm2d(module.num_features, module.eps, module.momentum,
+                                       module.affine, module.track_running_stats)
+            out.load_state_dict(module.state_dict())
+        for name, child in module.named_children():
+            out.add_module(name, convert(child))
+        return out
+
+    return convert(model)
 
 
 def write_memory(cfg: dict, t: int, work_dir: str | Path, progress: bool = True) -> Memory:

@@ -15,7 +15,7 @@ import time
 
 from incdet.cli import main_guard, setup_logging
 
-SECTIONS = ("throughput", "cost", "herding", "2step", "4step")
+SECTIONS = ("throughput", "cost", "herding", "2step", "4step", "inference")
 
 
 def main(argv=None) -> int:
@@ -82,6 +82,25 @@ def main(argv=None) -> int:
             print("[herding] " + ", ".join(f"{k} images ({v['pairs']} image-class pairs): "
                                            f"{v['seconds']:.2f}s" for k, v in r.items()))
             r["ratio_4n_to_n"] = r[4 * n]["seconds"] / r[n]["seconds"]
+        elif section == "inference":
+            from pathlib import Path
+
+            from incdet.protocol import run_protocol
+
+            two = Path(args.out) / f"shapes_2step_{iters}"
+            ckpt = two / "incdet" / "step_1" / "checkpoint.pt"
+            if not ckpt.is_file():  # train the 2-step incdet model (the 2step section reuses it)
+                cfg = load_config("configs/shapes_2step.yaml",
+                                  args.overrides + [f"train.max_iters={iters}"])
+                run_protocol(cfg, two, {"incdet": ["incremental.method=incdet",
+                                                   "memory.budget=0"]}, progress)
+            r = benchmarks.inference_speed(ckpt, num_images=32 if args.quick else 100,
+                                           export_dir=Path(args.out) / "export")
+            ips = r["images_per_second"]
+            print("[inference] images/s, one image per call: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in ips.items()))
+            print(f"[inference] grown / plain torchvision: {r['grown_over_plain']:.3f}, "
+                  f"fused / plain: {r['fused_over_plain']:.3f}")
         else:
             name = "shapes_2step" if section == "2step" else "shapes_4step"
             cfg = load_config(f"configs/{name}.yaml",
@@ -103,7 +122,7 @@ def main(argv=None) -> int:
             print(f"[{section}] step-0 classes kept (AP last / AP at step 0): " + ", ".join(
                 f"{m}={'-' if v is None else format(v, '.2f')}"
                 for m, v in r["step0_retention"].items()))
-        r["iters_per_step"] = iters if section in ("2step", "4step") else None
+        r["iters_per_step"] = iters if section in ("2step", "4step", "inference") else None
         r["overrides"] = args.overrides
         r["date"] = report["date"]
         report["results"][section] = r
