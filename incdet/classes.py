@@ -60,6 +60,8 @@ class ClassSpace:
     def __init__(self, categories: Sequence[dict], split: Any, class_order: Any = None):
         self.names: dict[int, str] = {int(c["id"]): str(c["name"]) for c in categories}
         self._by_name = {name: cid for cid, name in self.names.items()}
+        if isinstance(split, int) and not isinstance(split, bool):
+            split = str(split)  # "split: 80" (YAML reads it as a number): one step
         if isinstance(split, str):
             sizes = parse_split_sizes(split)
             order = (self._resolve_list(class_order, "class_order") if class_order is not None

@@ -1,3 +1,6 @@
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -59,3 +62,19 @@ def test_non_finite_loss_stops_with_the_terms(tmp_path):
               {"loss_cls": 1.0, "loss_box": 1.0}, 10, "cpu", tmp_path,
               on_epoch_end=lambda e, i: saved.append(i), progress=False)
     assert saved == []  # nothing was checkpointed from the failing epoch
+
+
+def test_mixed_precision_and_channels_last_options(tiny_config, tmp_path):
+    from incdet.config import load_config
+    from incdet.step import run_step
+
+    cfg = load_config(tiny_config, ["train.amp=bf16", "train.channels_last=true",
+                                    "train.max_iters=2", "split=10"])
+    m = run_step(cfg, 0, tmp_path / "a", progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "a" / "step_0" / "log.jsonl").read_text().splitlines()]
+    assert m["train"]["iterations"] == 2 and all(np.isfinite(x["loss"]) for x in lines)
+    bad = load_config(tiny_config, ["train.amp=fp16", "train.device=cpu"])
+    with pytest.raises(UserError, match="train.amp: fp16 needs a CUDA device"):
+        run_step(bad, 0, tmp_path / "b", progress=False)
+    with pytest.raises(UserError, match="train.amp: 'fp8' is not one of"):
+        run_step(load_config(tiny_config, ["train.amp=fp8"]), 0, tmp_path / "c", progress=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -22,6 +23,23 @@ def _require(obj: dict, key: str, where: str, path: Path):
     if not isinstance(obj, dict) or key not in obj:
         raise UserError(f"{path}: {where} has no '{key}' field; is this a COCO annotation file?")
     return obj[key]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _size(img: dict, key: str, iid, path: Path) -> int:
+    v = img[key]
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            v = None
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 1:
+        raise UserError(f"{path}: image {iid!r} has {key} {img[key]!r}; expected a positive "
+                        "number of pixels")
+    return int(v)
 
 
 def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike,
@@ -64,28 +82,28 @@ def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike,
         iid = _require(img, "id", "an image", path)
         for key in ("file_name", "width", "height"):
             _require(img, key, f"image {iid!r}", path)
-        try:
-            w, h = int(img["width"]), int(img["height"])
-        except (TypeError, ValueError):
-            raise UserError(f"{path}: image {iid!r} has a non-numeric width or height") from None
-        if w <= 0 or h <= 0 or not isinstance(iid, int) or iid in by_id:
-            raise UserError(f"{path}: image {iid!r} has a bad or repeated id or a non-positive "
-                            "size")
+        if not _is_int(iid) or iid in by_id:
+            raise UserError(f"{path}: image id {iid!r} is not an integer or is repeated; image "
+                            "ids must be unique integers")
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise UserError(f"{path}: image {iid!r} has file_name {img['file_name']!r}; expected "
+                            "a path relative to the image folder")
+        w, h = _size(img, "width", iid, path), _size(img, "height", iid, path)
         by_id[iid] = {"img": img, "w": w, "h": h, "boxes": [], "cats": [], "crowd": [],
                       "areas": []}
     for ann in anns_raw:
         iid = _require(ann, "image_id", "an annotation", path)
         cid = _require(ann, "category_id", "an annotation", path)
         bbox = _require(ann, "bbox", "an annotation", path)
-        if iid not in by_id:
+        if not _is_int(iid) or iid not in by_id:
             raise UserError(f"{path}: annotation {ann.get('id')!r} refers to unknown image id "
                             f"{iid!r}")
-        if cid not in cat_ids:
+        if not _is_int(cid) or cid not in cat_ids:
             raise UserError(f"{path}: annotation {ann.get('id')!r} has unknown category id "
                             f"{cid!r}; add it to 'categories' or fix the annotation")
         if (not isinstance(bbox, list) or len(bbox) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                           for v in bbox)):
+                           and math.isfinite(v) for v in bbox)):
             raise UserError(f"{path}: annotation {ann.get('id')!r} has bbox {bbox!r}; expected "
                             "[x, y, width, height] numbers")
         x, y, w, h = (float(v) for v in bbox)
@@ -94,7 +112,9 @@ def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike,
         entry["cats"].append(cid)
         entry["crowd"].append(bool(ann.get("iscrowd", 0)))
         area = ann.get("area")
-        entry["areas"].append(float(area) if isinstance(area, (int, float)) else w * h)
+        valid_area = isinstance(area, (int, float)) and not isinstance(area, bool) and \
+            math.isfinite(area) and area >= 0
+        entry["areas"].append(float(area) if valid_area else w * h)
 
     records, report = [], CleanReport()
     missing = []
