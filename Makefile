@@ -12,15 +12,14 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch and torchvision in one pip call, so that the two builds match
 	$(BIN)/pip install "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install -e ".[test,export]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/python tools/train_step.py --config configs/shapes_2step.yaml --step 0 --work-dir $(WORK)
-	$(BIN)/python tools/train_step.py --config configs/shapes_2step.yaml --step 1 --work-dir $(WORK)
-	$(BIN)/python tools/summarize.py $(WORK)
+	$(BIN)/python tools/run_protocol.py --config configs/shapes_demo.yaml --work-dir $(WORK) \
+		--methods incdet,finetune,joint
 
 test: setup
 	$(BIN)/python -m pytest tests

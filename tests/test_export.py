@@ -79,6 +79,9 @@ def test_load_detector_is_a_plain_torchvision_retinanet(grown_checkpoint):
             assert torch.equal(a["labels"], b["labels"])
             torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-4, atol=1e-3)
     # Detector maps labels to dataset category ids and names
+    import incdet
+
+    assert incdet.Detector is Detector and incdet.load_detector is load_detector
     det = Detector(model=model, score_thresh=0.0)
     preds = det.predict(images[0])
     assert len(preds) == 30
