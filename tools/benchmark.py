@@ -1,6 +1,6 @@
 """Benchmarks of incdet on the built-in dataset; writes a JSON of results and prints a table.
 
-    python tools/benchmark.py [--quick] [--out runs/benchmark] [--sections throughput,cost,2step,4step]
+    python tools/benchmark.py [--quick] [--out runs/benchmark] [--sections throughput,cost,...]
 
 Accuracy sections train every method with the same iteration budget per step
 (``--iters``); figures are only comparable between runs with the same budget, config and seed,
@@ -20,8 +20,10 @@ SECTIONS = ("throughput", "cost", "herding", "2step", "4step", "inference")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/benchmark")
-    parser.add_argument("--quick", action="store_true", help="small budgets (about 10 minutes)")
+    parser.add_argument("--out", default=None,
+                        help="results folder (default runs/benchmark, --quick: runs/benchmark_quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small budgets: every section in under 10 minutes (figures are noise-level)")
     parser.add_argument("--iters", type=int, help="training iterations per step (all methods)")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--methods", default="incdet_memory,incdet,finetune,joint",
@@ -34,6 +36,7 @@ def main(argv=None) -> int:
                         help="print the figures table of OUT/benchmark.json and exit")
     args = parser.parse_args(argv)
     setup_logging()
+    args.out = args.out or ("runs/benchmark_quick" if args.quick else "runs/benchmark")
     if args.markdown:
         from incdet.benchmarks import markdown
 
@@ -47,7 +50,7 @@ def main(argv=None) -> int:
     from incdet.config import load_config
     from incdet.io import atomic_write_json
 
-    iters = args.iters or (60 if args.quick else 600)
+    iters = args.iters or (40 if args.quick else 600)
     sections = [s for s in args.sections.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
     progress = not args.no_progress
