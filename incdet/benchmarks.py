@@ -222,7 +222,7 @@ def inference_speed(ckpt_path: str | Path, num_images: int = 64, repeats: int = 
     plain = to_torchvision(build_model(grown_cfg(ckpt)["model"], [sum(ckpt["head_layout"])]))
     plain.load_state_dict(fused.state_dict())
     size = int(grown_cfg(ckpt)["model"]["max_size"])
-    images = [to_tensor(np.asarray(synthetic.render_image(1, 9, i, size)[0]))
+    images = [to_tensor(np.array(synthetic.render_image(1, 9, i, size)[0]))
               for i in range(num_images)]
     runners = {"grown": lambda x: grown([x]), "grown_fused": lambda x: fused([x]),
                "plain_torchvision": lambda x: plain([x])}
