@@ -50,7 +50,9 @@ def main(argv=None) -> int:
     from incdet.config import load_config
     from incdet.io import atomic_write_json
 
-    iters = args.iters or (40 if args.quick else 600)
+    iters = args.iters or (20 if args.quick else 600)
+    if args.quick:  # evaluate on 100 validation images: the quick figures are a smoke check
+        args.overrides = ["data.val_max_images=100"] + args.overrides
     sections = [s for s in args.sections.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
     progress = not args.no_progress
