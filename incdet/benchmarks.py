@@ -210,18 +210,20 @@ def inference_speed(ckpt_path: str | Path, num_images: int = 64, repeats: int = 
     TorchScript and onnxruntime exports. Rounds alternate between the variants and the best
     round counts, so that machine noise hits them alike."""
     from incdet.checkpoint import load_checkpoint
+    from incdet.config import with_defaults
     from incdet.data import synthetic
     from incdet.data.dataset import to_tensor
-    from incdet.export import export, to_torchvision
+    from incdet.export import _quiet, export, onnx_session, to_torchvision
     from incdet.model.builder import build_model
     from incdet.step import model_from_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
+    mcfg = with_defaults(ckpt["config"])["model"]
     grown = model_from_checkpoint(ckpt)
     fused = to_torchvision(grown)
-    plain = to_torchvision(build_model(grown_cfg(ckpt)["model"], [sum(ckpt["head_layout"])]))
+    plain = to_torchvision(build_model(mcfg, [sum(ckpt["head_layout"])]))
     plain.load_state_dict(fused.state_dict())
-    size = int(grown_cfg(ckpt)["model"]["max_size"])
+    size = int(mcfg["max_size"])
     images = [to_tensor(np.array(synthetic.render_image(1, 9, i, size)[0]))
               for i in range(num_images)]
     runners = {"grown": lambda x: grown([x]), "grown_fused": lambda x: fused([x]),
@@ -229,21 +231,15 @@ def inference_speed(ckpt_path: str | Path, num_images: int = 64, repeats: int = 
     if export_dir is not None:
         export_dir = Path(export_dir)
         export(ckpt_path, "torchscript", export_dir / "model.pt", check_images=images[:2])
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             scripted = torch.jit.load(str(export_dir / "model.pt"))
         runners["torchscript"] = lambda x: scripted(x)
-        try:
-            import onnxruntime as ort
+        import importlib.util
 
+        if importlib.util.find_spec("onnxruntime") is not None:  # optional: the export extra
             export(ckpt_path, "onnx", export_dir / "model.onnx", check_images=images[:2])
-            sess = ort.InferenceSession(str(export_dir / "model.onnx"),
-                                        providers=["CPUExecutionProvider"])
+            sess = onnx_session(export_dir / "model.onnx")
             runners["onnxruntime"] = lambda x: sess.run(None, {"image": x.numpy()})
-        except ImportError:
-            pass
     best = {k: float("inf") for k in runners}
     with torch.no_grad():
         for fn in runners.values():  # warm-up
@@ -265,8 +261,3 @@ def inference_speed(ckpt_path: str | Path, num_images: int = 64, repeats: int = 
         out["onnxruntime_over_eager"] = ips["onnxruntime"] / ips["grown_fused"]
     return out
 
-
-def grown_cfg(ckpt: dict) -> dict:
-    from incdet.config import with_defaults
-
-    return with_defaults(ckpt["config"])

@@ -17,9 +17,11 @@ width; the dynamo exporter cannot export torchvision's ``batched_nms`` (pytorch/
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -245,28 +247,14 @@ def export(ckpt_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
     return meta
 
 
+@contextlib.contextmanager
 def _quiet():
     """Silence the deprecation notices of torch.jit and the tracer's warnings about Python
     values (both expected here: torchvision's detection models are scripted and traced as
     documented)."""
-    import warnings
-
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.simplefilter("ignore")
-    return _Exit(ctx)
-
-
-class _Exit:
-    def __init__(self, ctx):
-        self.ctx = ctx
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
-        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
@@ -280,13 +268,17 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, opset: in
                           dynamo=False)
 
 
-def run_onnx(path: str | os.PathLike, images: Sequence[torch.Tensor]) -> list[tuple]:
+def onnx_session(path: str | os.PathLike):
     try:
         import onnxruntime as ort
     except ImportError:
         raise UserError("ONNX export and inference need onnxruntime: pip install onnxruntime") \
             from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: str | os.PathLike, images: Sequence[torch.Tensor]) -> list[tuple]:
+    session = onnx_session(path)
     return [tuple(session.run(None, {"image": img.numpy()})) for img in images]
 
 
@@ -310,9 +302,7 @@ class Runner:
             raise UserError(f"{path}: model file not found; export one with tools/export.py")
         self.meta = read_metadata(path)
         if path.suffix == ".onnx":
-            import onnxruntime as ort
-
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            session = onnx_session(path)
             self._fn = lambda img: session.run(None, {"image": img.numpy()})
             self.backend = "onnxruntime"
         else:
