@@ -90,7 +90,7 @@ def iteration_cost(cfg: dict, iters: int = 10, batch_size: int = 8, progress: bo
 
 def training_throughput(cfg: dict, iters: int = 30, progress: bool = False) -> dict:
     """Images/s of the step-0 training loop (data loading included) over ``iters`` iterations."""
-    from incdet.step import _train_loader
+    from incdet.step import train_loader
 
     seed_everything(0)
     train_set, _, classes = load_experiment(cfg, progress)
@@ -98,7 +98,7 @@ def training_throughput(cfg: dict, iters: int = 30, progress: bool = False) -> d
     plan = methods.plan_step("joint", classes, sc)
     records = filter_for_classes(train_set.records, plan.train_classes)
     tcfg = cfg["train"]
-    loader = _train_loader(cfg, classes, records, plan.label_space, None, seed=0)
+    loader = train_loader(cfg, classes, records, plan.label_space, None, seed=0)
     model = methods.build_student(cfg, sc, plan, None)
     loss_fn = methods.make_criterion(cfg, model, None, plan, classes, sc)
     optimizer = build_optimizer(model, tcfg)
@@ -165,8 +165,10 @@ def markdown(report: dict) -> str:
         ks = sorted(h, key=int)
         lines.append("| herding time at N / 2N / 4N images | " + " / ".join(
             f"{h[k]['seconds']:.2f} s ({h[k]['pairs']} pairs)" for k in ks) + " | linear |")
-    for name, goal in (("2step", {"incdet": "≥ 0.85", "incdet_memory": "≥ 0.95"}),
-                       ("4step", {"incdet": "≥ 0.75", "incdet_memory": "≥ 0.90"})):
+    for name, goal in (("2step", {"incdet": "≥ 0.85", "incdet_pseudo": "≥ 0.85",
+                                  "incdet_memory": "≥ 0.95"}),
+                       ("4step", {"incdet": "≥ 0.75", "incdet_pseudo": "≥ 0.75",
+                                  "incdet_memory": "≥ 0.90"})):
         if name not in res:
             continue
         r = res[name]

@@ -17,8 +17,9 @@ from incdet.errors import UserError
 
 # Default values for every key. A value that is a dict here is a section: the user's value for it
 # must be a dict too, and its keys are checked. Anything else is a leaf and may take any YAML value.
-# The defaults are the CPU preset for the built-in dataset (from-scratch mobilenet_v3_large FPN,
-# narrow head, 128 px images, AdamW); the COCO / VOC configs override the model and schedule.
+# The defaults are the CPU preset for the built-in dataset (from-scratch mobilenet_v3_large FPN
+# with a halved last stage, narrow head, 128 px images, batch 16, AdamW); the COCO / VOC configs
+# override the model and schedule.
 DEFAULTS: dict[str, Any] = {
     "data": {
         "format": "coco",  # coco | voc
@@ -35,9 +36,12 @@ DEFAULTS: dict[str, Any] = {
     "model": {
         "backbone": "mobilenet_v3_large",  # resnet18 | resnet34 | resnet50 | mobilenet_v3_large
         "weights": None,  # null | torchvision weights name (local cache only) | path to a file
+        "width_mult": 1.0,  # mobilenet_v3_large only: channel multiplier (from scratch)
+        "reduced_tail": True,  # mobilenet_v3_large only: halve the channels of the last stage
         "trainable_layers": 5,  # backbone stages trained when weights are given (0-5)
         "norm": "auto",  # auto (frozen with weights, else batchnorm) | batchnorm | groupnorm | frozen
         "fpn_channels": 64,
+        "fpn_norm": "none",  # none | batchnorm | groupnorm: normalisation after the FPN convs
         "head_convs": 2,
         "head_norm": "groupnorm",  # groupnorm | none
         "anchor_sizes": [16, 32, 64, 128, 256],  # one base size per FPN level P3..P7
@@ -73,7 +77,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {
         "epochs": 12,
         "max_iters": None,  # stop after this many iterations (overrides epochs when set)
-        "batch_size": 8,
+        "batch_size": 16,
         "optimizer": "adamw",  # sgd | adamw
         "lr": 0.005,
         "momentum": 0.9,  # sgd only

@@ -49,7 +49,7 @@ def _seed_worker(worker_id: int) -> None:
         transform.set_random_seed(seed)
 
 
-def _train_loader(cfg: dict, classes: ClassSpace, records, label_space, memory: Memory | None,
+def train_loader(cfg: dict, classes: ClassSpace, records, label_space, memory: Memory | None,
                   seed: int):
     """The step's training loader: new images (label space of the step) and, with a memory,
     replayed memory images (each with its own label space) mixed into every batch."""
@@ -222,7 +222,7 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
             raise UserError(f"{mem_path}: missing; step {t - 1} was trained without a memory: "
                             "retrain it with memory.budget set, or set memory.budget: 0")
         memory = Memory.from_json(mem_path, cfg["data"]["root"])
-    loader = _train_loader(cfg, classes, records, plan.label_space, memory, seed=t)
+    loader = train_loader(cfg, classes, records, plan.label_space, memory, seed=t)
     dataset = loader.dataset
 
     memory_format = torch.channels_last if tcfg.get("channels_last") else torch.contiguous_format

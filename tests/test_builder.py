@@ -64,3 +64,47 @@ def test_weights_from_a_file_are_loaded_and_norm_frozen(tmp_path):
 def test_anchor_sizes_must_match_levels():
     with pytest.raises(UserError, match="one size per level"):
         build_model(dict(copy.deepcopy(SMALL), anchor_sizes=[16, 32]), [2])
+
+
+def test_mobilenet_shape_options_shrink_the_backbone_and_refuse_pretrained_weights(tmp_path):
+    full = build_model(dict(SMALL, reduced_tail=False), [2])
+    small = build_model(dict(SMALL, width_mult=0.5, reduced_tail=True), [2])
+    body_full, body_small = full.backbone.body, small.backbone.body
+    # the last stage's output channels: 960 at full width; halved tail and half width -> 240
+    assert list(body_full.values())[-1].out_channels == 960
+    assert list(body_small.values())[-1].out_channels == 240
+    assert sum(p.numel() for p in small.parameters()) < 0.5 * sum(p.numel() for p in full.parameters())
+    small.eval()
+    with torch.no_grad():
+        assert set(small([torch.rand(3, 64, 64)])[0]) == {"boxes", "scores", "labels"}
+    weights = tmp_path / "mnv3.pth"
+    torch.save(torchvision.models.mobilenet_v3_large().state_dict(), weights)
+    with pytest.raises(UserError, match="model.width_mult / model.reduced_tail"):
+        build_model(dict(SMALL, weights=str(weights), reduced_tail=True), [2])
+    model = build_model(dict(SMALL, weights=str(weights), reduced_tail=False), [2])
+    assert list(model.backbone.body.values())[-1].out_channels == 960
+
+
+def test_fpn_norm_option_puts_norm_layers_after_every_fpn_conv():
+    plain = build_model(dict(SMALL), [2])
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.backbone.fpn.modules())
+    model = build_model(dict(SMALL, fpn_norm="groupnorm"), [2])
+    fpn_convs = [m for m in model.backbone.fpn.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in model.backbone.fpn.modules() if isinstance(m, torch.nn.GroupNorm)]
+    # inner (1x1) and layer (3x3) blocks of 3 levels are normalised; P6/P7 convs are not
+    assert len(norms) == 6 and len(fpn_convs) == 8
+    with pytest.raises(UserError, match="model.fpn_norm: 'layernorm'"):
+        build_model(dict(SMALL, fpn_norm="layernorm"), [2])
+
+
+def test_groupnorm_backbone_builds_for_every_channel_count():
+    # mobilenet has stages of 16, 24, 40, 72, ... channels: each gets a GroupNorm that divides it
+    model = build_model(dict(SMALL, norm="groupnorm"), [2])
+    norms = [m for m in model.backbone.body.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels % m.num_groups == 0 and m.num_channels // m.num_groups >= 4
+                         for m in norms)
+    model.train()
+    head_outputs, _, _, _ = forward_train(model, [torch.rand(3, 64, 64)],
+                                          [{"boxes": torch.tensor([[4.0, 4, 30, 40]]),
+                                            "labels": torch.tensor([1])}])
+    assert torch.isfinite(head_outputs["cls_logits"]).all()

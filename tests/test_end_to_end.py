@@ -150,7 +150,7 @@ def test_memory_is_selected_within_budget_and_replayed_with_its_label_space(tiny
                                                                              tmp_path):
     from incdet.data.records import filter_for_classes
     from incdet.memory import Memory
-    from incdet.step import _train_loader, load_experiment
+    from incdet.step import load_experiment, train_loader
 
     cfg = load_config(tiny_config, ["memory.budget=6", "split=5+5"])
     run_step(cfg, 0, tmp_path, progress=False)
@@ -163,7 +163,7 @@ def test_memory_is_selected_within_budget_and_replayed_with_its_label_space(tiny
 
     train_set, _, classes = load_experiment(cfg, progress=False)
     new_records = filter_for_classes(train_set.records, classes.step(1).new)
-    loader = _train_loader(cfg, classes, new_records, tuple(classes.labels([9, 11, 14, 16, 18])),
+    loader = train_loader(cfg, classes, new_records, tuple(classes.labels([9, 11, 14, 16, 18])),
                            memory, seed=1)
     ds = loader.dataset
     new_ids = {r.id for r in new_records}

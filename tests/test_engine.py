@@ -1,3 +1,4 @@
+import copy
 import json
 
 import numpy as np
@@ -6,7 +7,7 @@ import torch
 
 from incdet.config import DEFAULTS
 from incdet.data.sampler import MixedBatchSampler
-from incdet.engine import lr_factor, train, weighted_total
+from incdet.engine import build_optimizer, lr_factor, train, weighted_total
 from incdet.errors import UserError
 
 
@@ -20,6 +21,31 @@ def test_warmup_then_cosine_and_step_schedules():
     s = dict(t, schedule="step", lr_steps=[0.5, 0.8], lr_gamma=0.1)
     assert [lr_factor(i, 100, s) for i in (20, 49, 50, 79, 80)] == \
         pytest.approx([1, 1, 0.1, 0.1, 0.01])
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_fused_optimizer_matches_the_per_parameter_one(name):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
+    twin = copy.deepcopy(model)
+    tcfg = dict(DEFAULTS["train"], optimizer=name, lr=0.01)
+    fused = build_optimizer(model, tcfg)
+    assert all(g.get("fused") for g in fused.param_groups)
+    ref_groups = [{"params": [p for p in twin.parameters() if p.ndim > 1],
+                   "weight_decay": tcfg["weight_decay"]},
+                  {"params": [p for p in twin.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    ref = (torch.optim.AdamW(ref_groups, lr=0.01, foreach=False) if name == "adamw" else
+           torch.optim.SGD(ref_groups, lr=0.01, momentum=tcfg["momentum"], foreach=False))
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        for m, opt in ((model, fused), (twin, ref)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # weight decay reaches the conv weight only (norm weights and biases are not decayed)
+    assert fused.param_groups[1]["weight_decay"] == 0.0
 
 
 def test_weighted_total_uses_prefix_weights_for_per_step_terms():

@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--methods", default="incdet_memory,incdet,finetune,joint",
                         help="variants: incdet_memory (with the exemplar memory), incdet, "
-                             "finetune, joint (without memory)")
+                             "incdet_pseudo (incdet with teacher pseudo-labels), finetune, joint "
+                             "(all but incdet_memory without memory)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override for every section")
     parser.add_argument("--no-progress", action="store_true")
@@ -114,6 +115,9 @@ def main(argv=None) -> int:
             for m in methods:
                 if m == "incdet_memory":  # with the exemplar memory (memory.budget of the config)
                     variants[m] = ["incremental.method=incdet"]
+                elif m == "incdet_pseudo":
+                    variants[m] = ["incremental.method=incdet", "memory.budget=0",
+                                   "incremental.pseudo_labels=true"]
                 else:
                     variants[m] = [f"incremental.method={m}", "memory.budget=0"]
             r = benchmarks.accuracy(cfg, f"{args.out}/{name}_{iters}", variants, progress)

@@ -91,7 +91,14 @@ def build_backbone(mcfg: dict) -> BackboneWithFPN:
         in_channels = [c5 // 4, c5 // 2, c5]
         return_layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
     else:
-        features = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=norm_layer).features
+        shape = {"width_mult": float(mcfg.get("width_mult", 1.0)),
+                 "reduced_tail": bool(mcfg.get("reduced_tail", False))}
+        if state is not None and shape != {"width_mult": 1.0, "reduced_tail": False}:
+            raise UserError("model.width_mult / model.reduced_tail change the mobilenet's shape, "
+                            "so pretrained model.weights do not fit it: set model.width_mult=1.0 "
+                            "and model.reduced_tail=false")
+        features = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=norm_layer,
+                                                         **shape).features
         if state is not None:
             feature_state = {k[len("features."):]: v for k, v in state.items()
                              if k.startswith("features.")}
@@ -111,8 +118,12 @@ def build_backbone(mcfg: dict) -> BackboneWithFPN:
         picks = [stage_indices[-3] - 1, stage_indices[-2] - 1, len(features) - 1]
         in_channels = [features[i].out_channels for i in picks]
         return_layers = {str(i): str(j) for j, i in enumerate(picks)}
+    fpn_norm = mcfg.get("fpn_norm", "none") or "none"
+    if fpn_norm not in ("none", "batchnorm", "groupnorm"):
+        raise UserError(f"model.fpn_norm: {fpn_norm!r} is not one of none, batchnorm, groupnorm")
     return BackboneWithFPN(body, return_layers, in_channels, channels,
-                           extra_blocks=LastLevelP6P7(channels, channels))
+                           extra_blocks=LastLevelP6P7(channels, channels),
+                           norm_layer=None if fpn_norm == "none" else norm_layer_for(fpn_norm))
 
 
 def build_anchor_generator(mcfg: dict, num_levels: int) -> AnchorGenerator:

@@ -26,7 +26,7 @@ def _tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
             nn.init.zeros_(conv.bias)
         layers.append(conv)
         if norm == "groupnorm":
-            layers.append(nn.GroupNorm(min(32, channels // 4), channels))
+            layers.append(group_norm(channels))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
@@ -122,8 +122,17 @@ class IncrementalHead(nn.Module):
                 "bbox_regression": self.regression_head(x)}
 
 
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups of at least 4 channels that divide ``channels`` (any width
+    works: mobilenet's 40 or 72 channels as well as a 16-channel test head)."""
+    groups = max(1, min(32, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels)
+
+
 def norm_layer_for(name: str) -> Callable[[int], nn.Module]:
     from torchvision.ops import FrozenBatchNorm2d
 
     return {"batchnorm": nn.BatchNorm2d, "frozen": FrozenBatchNorm2d,
-            "groupnorm": lambda c: nn.GroupNorm(32, c)}[name]
+            "groupnorm": group_norm}[name]
