@@ -180,7 +180,7 @@ def markdown(report: dict) -> str:
                 continue
             ratio = r.get("ratio_to_joint", {}).get(m)
             lines.append(f"| {name}: {m} AP / joint | {_f(ap)} / {_f(r['final_ap'].get('joint'))}"
-                         f" = {_f(ratio, '.2f')} | {goal.get(m, '–')} |")
+                         f" = {_f(ratio, '.2f')} | {goal.get(m.split('@')[0], '–')} |")
         secs = r.get("last_step_seconds", {})
         if "joint" in secs and "incdet" in secs:
             lines.append(f"| {name}: last step wall time, incdet / joint retraining (same "

@@ -29,7 +29,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default="incdet_memory,incdet,finetune,joint",
                         help="variants: incdet_memory (with the exemplar memory), incdet, "
                              "incdet_pseudo (incdet with teacher pseudo-labels), finetune, joint "
-                             "(all but incdet_memory without memory)")
+                             "(all but incdet_memory without memory); NAME@key=value@... adds "
+                             "overrides to one variant, e.g. "
+                             "incdet_memory@memory.replay_fraction=0.125")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override for every section")
     parser.add_argument("--no-progress", action="store_true")
@@ -112,14 +114,17 @@ def main(argv=None) -> int:
             cfg = load_config(f"configs/{name}.yaml",
                               args.overrides + [f"train.max_iters={iters}"])
             variants = {}
-            for m in methods:
+            for entry in methods:
+                # "NAME@key=value@..." : the variant NAME with extra overrides of its own
+                m, *extra = entry.split("@")
                 if m == "incdet_memory":  # with the exemplar memory (memory.budget of the config)
-                    variants[m] = ["incremental.method=incdet"]
+                    variants[entry] = ["incremental.method=incdet"]
                 elif m == "incdet_pseudo":
-                    variants[m] = ["incremental.method=incdet", "memory.budget=0",
-                                   "incremental.pseudo_labels=true"]
+                    variants[entry] = ["incremental.method=incdet", "memory.budget=0",
+                                       "incremental.pseudo_labels=true"]
                 else:
-                    variants[m] = [f"incremental.method={m}", "memory.budget=0"]
+                    variants[entry] = [f"incremental.method={m}", "memory.budget=0"]
+                variants[entry] += extra
             r = benchmarks.accuracy(cfg, f"{args.out}/{name}_{iters}", variants, progress)
             r["config"] = f"configs/{name}.yaml"
             r["seed"] = cfg["train"]["seed"]
