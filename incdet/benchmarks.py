@@ -3,6 +3,7 @@ incremental iteration. ``tools/benchmark.py`` runs them and writes a JSON of res
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from incdet import methods
 from incdet.data.dataset import DetectionDataset, collate
 from incdet.data.records import filter_for_classes
 from incdet.engine import build_optimizer, seed_everything
+from incdet.errors import UserError
 from incdet.protocol import run_protocol
 from incdet.step import load_experiment
 
@@ -36,6 +38,38 @@ def accuracy(cfg: dict, work_dir: Path, variants: dict[str, list[str]], progress
         m: (steps[-1]["map"]["old"]["AP"] / _old_ap_when_learned(steps)
             if _old_ap_when_learned(steps) else None) for m, steps in res.items()}
     out["last_step_seconds"] = {m: steps[-1]["train"]["seconds"] for m, steps in res.items()}
+    return out
+
+
+def use_joint_reference(result: dict, metrics_path: str | Path, cfg: dict,
+                        all_classes: list[int]) -> dict:
+    """Take ``joint``'s final AP from an existing step-0 run on every class (for example
+    ``configs/shapes_joint.yaml``) instead of training it again. The run must have used the same
+    model, augmentation, loss and training settings (iterations included) and all classes;
+    anything else is a :class:`UserError` naming the differences."""
+    from incdet.config import load_config
+
+    metrics_path = Path(metrics_path)
+    cfg_path = metrics_path.parent / "config.yaml"
+    if not metrics_path.is_file() or not cfg_path.is_file():
+        raise UserError(f"--joint-reference: {metrics_path} (and config.yaml beside it) must be the "
+                        "metrics.json of a finished step-0 run on all classes")
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    ref_cfg = load_config(cfg_path)
+    diffs = [f"{section}.{k}" for section in ("model", "augment", "loss", "train")
+             for k in sorted(set(cfg[section]) | set(ref_cfg[section]))
+             if cfg[section].get(k) != ref_cfg[section].get(k)]
+    seen = sorted(metrics["classes"]["old"] + metrics["classes"]["new"])
+    if seen != sorted(all_classes):
+        diffs.append(f"classes ({len(seen)} of {len(all_classes)})")
+    if diffs:
+        raise UserError(f"--joint-reference: {metrics_path} was trained differently from this "
+                        f"benchmark: {', '.join(diffs)}")
+    out = dict(result)
+    out["final_ap"] = dict(result["final_ap"], joint=metrics["map"]["all"]["AP"])
+    out["joint_reference"] = str(metrics_path)
+    out["ratio_to_joint"] = {m: v / out["final_ap"]["joint"] for m, v in out["final_ap"].items()}
     return out
 
 

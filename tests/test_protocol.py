@@ -60,3 +60,32 @@ def test_run_protocol_tool_writes_report_plots_and_shares_step_0(tiny_config, tm
     # the terminal shows the same rows
     assert "final all-classes AP / joint" in out or not final["joint"]
     assert out.count("finetune") >= 2
+
+
+def test_joint_reference_is_used_only_when_trained_the_same_way(tmp_path):
+    import pytest
+
+    from incdet.benchmarks import use_joint_reference
+    from incdet.config import dump_config
+    from incdet.errors import UserError
+
+    cfg = load_config(None, ["split=2+2", "train.max_iters=40"])
+    ref = tmp_path / "joint" / "step_0"
+    ref.mkdir(parents=True)
+    dump_config(load_config(None, ["split=4", "train.max_iters=40"]), ref / "config.yaml")
+    metrics = {"classes": {"old": [], "new": [1, 2, 3, 4]}, "map": {"all": {"AP": 0.4}}}
+    (ref / "metrics.json").write_text(json.dumps(metrics))
+    result = {"final_ap": {"incdet": 0.3, "finetune": 0.1}}
+    out = use_joint_reference(result, ref / "metrics.json", cfg, [1, 2, 3, 4])
+    assert out["final_ap"]["joint"] == 0.4
+    assert out["ratio_to_joint"] == {"incdet": pytest.approx(0.75), "finetune": pytest.approx(0.25),
+                                     "joint": 1.0}
+    assert result["final_ap"] == {"incdet": 0.3, "finetune": 0.1}  # the input is not modified
+    other = load_config(None, ["split=2+2", "train.max_iters=40", "train.lr=0.01",
+                               "model.fpn_channels=32"])
+    with pytest.raises(UserError, match=r"differently .*model\.fpn_channels, train\.lr"):
+        use_joint_reference(result, ref / "metrics.json", other, [1, 2, 3, 4])
+    with pytest.raises(UserError, match=r"classes \(4 of 5\)"):
+        use_joint_reference(result, ref / "metrics.json", cfg, [1, 2, 3, 4, 5])
+    with pytest.raises(UserError, match="must be the metrics.json of a finished step-0 run"):
+        use_joint_reference(result, tmp_path / "missing" / "metrics.json", cfg, [1, 2, 3, 4])

@@ -32,6 +32,10 @@ def main(argv=None) -> int:
                              "(all but incdet_memory without memory); NAME@key=value@... adds "
                              "overrides to one variant, e.g. "
                              "incdet_memory@memory.replay_fraction=0.125")
+    parser.add_argument("--joint-reference", metavar="METRICS_JSON",
+                        help="without joint among --methods: take joint's AP from this finished "
+                             "step-0 run on all classes with the same recipe and iterations "
+                             "(e.g. runs/joint/step_0/metrics.json of configs/shapes_joint.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override for every section")
     parser.add_argument("--no-progress", action="store_true")
@@ -52,6 +56,7 @@ def main(argv=None) -> int:
     from incdet import benchmarks
     from incdet.config import load_config
     from incdet.io import atomic_write_json
+    from incdet.step import load_experiment
 
     iters = args.iters or (20 if args.quick else 600)
     if args.quick:  # evaluate on 100 validation images: the quick figures are a smoke check
@@ -126,6 +131,10 @@ def main(argv=None) -> int:
                     variants[entry] = [f"incremental.method={m}", "memory.budget=0"]
                 variants[entry] += extra
             r = benchmarks.accuracy(cfg, f"{args.out}/{name}_{iters}", variants, progress)
+            if "joint" not in variants and args.joint_reference:
+                _, _, classes = load_experiment(cfg, progress=False)
+                r = benchmarks.use_joint_reference(r, args.joint_reference, cfg,
+                                                   list(classes.order))
             r["config"] = f"configs/{name}.yaml"
             r["seed"] = cfg["train"]["seed"]
             print(f"[{section}] final AP (all classes): " + ", ".join(
