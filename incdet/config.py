@@ -233,8 +233,18 @@ def dump_config(cfg: dict, path: str | os.PathLike) -> None:
     atomic_write_text(path, yaml.safe_dump(clean, sort_keys=False))
 
 
+# Keys whose default changed the model's shape after configs were first saved without them: a
+# saved config that lacks one was trained with the value given here, not today's default.
+_VALUE_BEFORE_KEY: dict[tuple[str, str], Any] = {("model", "reduced_tail"): False}
+
+
 def with_defaults(saved: dict) -> dict:
-    """A config saved by an earlier version, completed with today's defaults for new keys."""
+    """A config saved by an earlier version, completed with today's defaults for new keys (or, for
+    a key in ``_VALUE_BEFORE_KEY``, with the behaviour the earlier version had)."""
+    saved = copy.deepcopy(saved)
+    for (section, key), value in _VALUE_BEFORE_KEY.items():
+        if isinstance(saved.get(section), dict):
+            saved[section].setdefault(key, value)
     return _merge(DEFAULTS, saved)
 
 

@@ -1,3 +1,4 @@
+import copy
 import os
 import pickle
 
@@ -50,3 +51,20 @@ def test_round_trip_and_compatibility_checks(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError):
         load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_config_saved_before_reduced_tail_existed_rebuilds_the_full_tail():
+    from incdet.config import DEFAULTS, with_defaults
+    from incdet.model.builder import build_model
+    from incdet.step import model_from_checkpoint
+
+    saved = copy.deepcopy(DEFAULTS)
+    saved["model"].update(fpn_channels=16, head_convs=1, min_size=64, max_size=64)
+    del saved["model"]["reduced_tail"]  # as written by a version without the key
+    old = build_model(dict(saved["model"], reduced_tail=False), [2])
+    ckpt = {"config": saved, "head_layout": [2], "model": old.state_dict()}
+    model = model_from_checkpoint(ckpt)  # loads: the full tail, not today's default
+    assert list(model.backbone.body.values())[-1].out_channels == 960
+    assert with_defaults({"model": {"reduced_tail": True}})["model"]["reduced_tail"] is True
+    assert with_defaults({})["model"]["reduced_tail"] is True  # no model section: today's default
+    assert "reduced_tail" not in saved["model"]  # the saved config is not modified
