@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from incdet import methods
+from incdet.config import load_config
 from incdet.data.dataset import DetectionDataset, collate
 from incdet.data.records import filter_for_classes
 from incdet.engine import build_optimizer, seed_everything
@@ -47,8 +48,6 @@ def use_joint_reference(result: dict, metrics_path: str | Path, cfg: dict,
     ``configs/shapes_joint.yaml``) instead of training it again. The run must have used the same
     model, augmentation, loss and training settings (iterations included) and all classes;
     anything else is a :class:`UserError` naming the differences."""
-    from incdet.config import load_config
-
     metrics_path = Path(metrics_path)
     cfg_path = metrics_path.parent / "config.yaml"
     if not metrics_path.is_file() or not cfg_path.is_file():
@@ -249,7 +248,7 @@ def inference_speed(ckpt_path: str | Path, num_images: int = 64, repeats: int = 
     from incdet.config import with_defaults
     from incdet.data import synthetic
     from incdet.data.dataset import to_tensor
-    from incdet.export import _quiet, export, onnx_session, to_torchvision
+    from incdet.export import quiet_warnings, export, onnx_session, to_torchvision
     from incdet.model.builder import build_model
     from incdet.step import model_from_checkpoint
 
@@ -267,7 +266,7 @@ def inference_speed(ckpt_path: str | Path, num_images: int = 64, repeats: int = 
     if export_dir is not None:
         export_dir = Path(export_dir)
         export(ckpt_path, "torchscript", export_dir / "model.pt", check_images=images[:2])
-        with _quiet():
+        with quiet_warnings():
             scripted = torch.jit.load(str(export_dir / "model.pt"))
         runners["torchscript"] = lambda x: scripted(x)
         import importlib.util

@@ -225,7 +225,7 @@ def export(ckpt_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
     tmp = out.with_name(out.name + ".tmp")
     try:
         if fmt == "torchscript":
-            with _quiet():
+            with quiet_warnings():
                 scripted = torch.jit.script(module)
                 scripted.save(str(tmp))
                 loaded = torch.jit.load(str(tmp))
@@ -248,7 +248,7 @@ def export(ckpt_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_warnings():
     """Silence the deprecation notices of torch.jit and the tracer's warnings about Python
     values (both expected here: torchvision's detection models are scripted and traced as
     documented)."""
@@ -258,7 +258,7 @@ def _quiet():
 
 
 def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    with _quiet():
+    with quiet_warnings():
         torch.onnx.export(module, (example,), str(path), opset_version=opset,
                           input_names=["image"],
                           output_names=["boxes", "scores", "category_ids"],
@@ -306,14 +306,14 @@ class Runner:
             self._fn = lambda img: session.run(None, {"image": img.numpy()})
             self.backend = "onnxruntime"
         else:
-            with _quiet():
+            with quiet_warnings():
                 module = torch.jit.load(str(path))
             self._fn = lambda img: module(img)
             self.backend = "torchscript"
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor):
-        with _quiet():
+        with quiet_warnings():
             boxes, scores, ids = self._fn(image)
         return (torch.as_tensor(boxes).numpy(), torch.as_tensor(scores).numpy(),
                 torch.as_tensor(ids).numpy())

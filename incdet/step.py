@@ -50,7 +50,7 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def train_loader(cfg: dict, classes: ClassSpace, records, label_space, memory: Memory | None,
-                  seed: int):
+                 seed: int):
     """The step's training loader: new images (label space of the step) and, with a memory,
     replayed memory images (each with its own label space) mixed into every batch."""
     tcfg = cfg["train"]
