@@ -47,6 +47,33 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def load_model_state(model, ckpt: dict, model_cfg: dict, source: str | os.PathLike) -> None:
+    """Load a checkpoint's weights into ``model``, built from ``model_cfg``.
+
+    Weights that do not fit (another backbone, FPN width, tail, ...) are a clear error naming the
+    ``model.*`` keys in which this config differs from the checkpoint's, and the fix."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        from incdet.config import with_defaults
+
+        saved = with_defaults(ckpt.get("config") or {}).get("model", {})
+        diff = [f"model.{k}: {_yaml(model_cfg.get(k))} here, {_yaml(saved.get(k))} in the "
+                "checkpoint" for k in sorted(set(saved) | set(model_cfg))
+                if saved.get(k) != model_cfg.get(k)]
+        why = ("; ".join(diff) + ". Use the model settings the checkpoint was trained with (its "
+               "config.yaml, or --set model.KEY=VALUE)") if diff else \
+            f"{str(e).splitlines()[0]}. Use the config the checkpoint was trained with"
+        raise UserError(f"{source}: the checkpoint's weights do not fit the model of this config: "
+                        f"{why}") from None
+
+
+def _yaml(value) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def check_compatible(ckpt: dict, path: str | os.PathLike, class_order: list[int],
                      steps: list[list[int]], step: int) -> None:
     """Raise if a checkpoint does not belong to this experiment at ``step``."""

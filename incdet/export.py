@@ -99,7 +99,7 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -
     from incdet.step import model_from_checkpoint
 
     ckpt = load_checkpoint(path)
-    model = to_torchvision(model_from_checkpoint(ckpt)).to(device)
+    model = to_torchvision(model_from_checkpoint(ckpt, source=path)).to(device)
     model.incdet_meta = metadata(ckpt)
     return model
 

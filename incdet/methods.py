@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from incdet.checkpoint import load_model_state
 from incdet.classes import ClassSpace, StepClasses
 from incdet.errors import UserError
 from incdet.model.builder import build_model
@@ -53,23 +54,25 @@ def plan_step(method: str, classes: ClassSpace, sc: StepClasses, memory: bool = 
     return Plan(sc.new, new_labels, uses_previous=True, uses_teacher=True, uses_memory=memory)
 
 
-def build_student(cfg: dict, sc: StepClasses, plan: Plan, previous: dict | None):
-    """The model to train at this step (on CPU; the caller moves it)."""
+def build_student(cfg: dict, sc: StepClasses, plan: Plan, previous: dict | None,
+                  source: str = "previous checkpoint"):
+    """The model to train at this step (on CPU; the caller moves it). ``source`` names
+    ``previous`` in errors."""
     layout = [len(g) for g in sc.groups]
     if not plan.uses_previous:
         return build_model(cfg["model"], layout)
     if previous is None:
         raise UserError(f"step {sc.step}: the previous step's checkpoint is required")
     model = build_model(cfg["model"], previous["head_layout"])
-    model.load_state_dict(previous["model"])
+    load_model_state(model, previous, cfg["model"], source)
     model.head.classification_head.grow(len(sc.new))
     return model
 
 
-def build_teacher(cfg: dict, previous: dict):
+def build_teacher(cfg: dict, previous: dict, source: str = "previous checkpoint"):
     """The frozen previous model: ``eval()``, no gradients, not a submodule of the student."""
     teacher = build_model(cfg["model"], previous["head_layout"])
-    teacher.load_state_dict(previous["model"])
+    load_model_state(teacher, previous, cfg["model"], source)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

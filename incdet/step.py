@@ -20,7 +20,7 @@ import torch
 
 from incdet import distributed as dist
 from incdet import methods
-from incdet.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from incdet.checkpoint import check_compatible, load_checkpoint, load_model_state, save_checkpoint
 from incdet.classes import ClassSpace
 from incdet.config import dump_config, strip_private, with_defaults
 from incdet.data.dataset import DetectionDataset, make_loader
@@ -202,7 +202,7 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     method = cfg["incremental"]["method"]
     plan = methods.plan_step(method, classes, sc, methods.memory_enabled(cfg))
 
-    previous = None
+    previous = prev_path = None
     if plan.uses_previous:
         prev_path = work_dir / f"step_{t - 1}" / "checkpoint.pt"
         if not prev_path.is_file():
@@ -226,10 +226,10 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     dataset = loader.dataset
 
     memory_format = torch.channels_last if tcfg.get("channels_last") else torch.contiguous_format
-    student = methods.build_student(cfg, sc, plan, previous).to(device, memory_format=memory_format)
+    student = methods.build_student(cfg, sc, plan, previous, prev_path).to(device, memory_format=memory_format)
     teacher = None
     if plan.uses_teacher:
-        teacher = methods.build_teacher(cfg, previous).to(device, memory_format=memory_format)
+        teacher = methods.build_teacher(cfg, previous, prev_path).to(device, memory_format=memory_format)
     criterion = methods.make_criterion(cfg, student, teacher, plan, classes, sc)
     if tcfg.get("sync_bn") and dist.world_size() > 1:
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -252,7 +252,7 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     if resume and last_path.is_file():
         state = load_checkpoint(last_path)
         check_compatible(state, last_path, list(classes.order), base["steps"], t)
-        student.load_state_dict(state["model"])
+        load_model_state(student, state, cfg["model"], last_path)
         ts = state["train_state"]
         optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
@@ -384,7 +384,7 @@ def write_memory(cfg: dict, t: int, work_dir: str | Path, progress: bool = True)
             raise UserError(f"{prev_path}: missing; the memory of step {t} extends it")
         previous = Memory.from_json(prev_path, cfg["data"]["root"])
     device = resolve_device(cfg["train"]["device"])
-    model = model_from_checkpoint(ckpt, cfg).to(device)
+    model = model_from_checkpoint(ckpt, cfg, step_dir / "checkpoint.pt").to(device)
     records = filter_for_classes(train_set.records, sc.new)
     memory = select_memory(cfg, model, records, previous, sc, device, progress)
     atomic_write_json(step_dir / "memory.json",
@@ -392,12 +392,13 @@ def write_memory(cfg: dict, t: int, work_dir: str | Path, progress: bool = True)
     return memory
 
 
-def model_from_checkpoint(ckpt: dict, cfg: dict | None = None):
-    """Rebuild the model of a checkpoint (on CPU, in eval mode)."""
+def model_from_checkpoint(ckpt: dict, cfg: dict | None = None, source: str = "checkpoint"):
+    """Rebuild the model of a checkpoint (on CPU, in eval mode); ``source`` names it in errors."""
     from incdet.model.builder import build_model
 
-    model = build_model((cfg or with_defaults(ckpt["config"]))["model"], ckpt["head_layout"])
-    model.load_state_dict(ckpt["model"])
+    model_cfg = (cfg or with_defaults(ckpt["config"]))["model"]
+    model = build_model(model_cfg, ckpt["head_layout"])
+    load_model_state(model, ckpt, model_cfg, source)
     return model.eval()
 
 
@@ -411,7 +412,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, cfg: dict | None = None,
     t = int(ckpt["step"])
     check_compatible(ckpt, ckpt_path, list(classes.order), [list(s) for s in classes.steps], t)
     device = resolve_device(cfg["train"]["device"])
-    model = model_from_checkpoint(ckpt, cfg).to(device)
+    model = model_from_checkpoint(ckpt, cfg, ckpt_path).to(device)
     sc = classes.step(t)
     evaluation = evaluate_model(model, val_set.records, val_set.categories,
                                 classes.order[:len(sc.seen)], metric_groups(classes, t),

@@ -68,3 +68,11 @@ def test_config_saved_before_reduced_tail_existed_rebuilds_the_full_tail():
     assert with_defaults({"model": {"reduced_tail": True}})["model"]["reduced_tail"] is True
     assert with_defaults({})["model"]["reduced_tail"] is True  # no model section: today's default
     assert "reduced_tail" not in saved["model"]  # the saved config is not modified
+    # today's config on that checkpoint (the reduced tail): one message naming the key and the fix
+    today = with_defaults(dict(saved, model=dict(saved["model"], reduced_tail=True)))
+    with pytest.raises(UserError) as err:
+        model_from_checkpoint(ckpt, today, "runs/x/step_0/checkpoint.pt")
+    msg = str(err.value)
+    assert msg.startswith("runs/x/step_0/checkpoint.pt: the checkpoint's weights do not fit")
+    assert "model.reduced_tail: true here, false in the checkpoint" in msg
+    assert "--set model.KEY=VALUE" in msg and "fpn_channels" not in msg
