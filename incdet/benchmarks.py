@@ -42,12 +42,12 @@ def accuracy(cfg: dict, work_dir: Path, variants: dict[str, list[str]], progress
     return out
 
 
-def use_joint_reference(result: dict, metrics_path: str | Path, cfg: dict,
-                        all_classes: list[int]) -> dict:
-    """Take ``joint``'s final AP from an existing step-0 run on every class (for example
-    ``configs/shapes_joint.yaml``) instead of training it again. The run must have used the same
+def read_joint_reference(metrics_path: str | Path, cfg: dict, all_classes: list[int]) -> float:
+    """``joint``'s final AP from an existing step-0 run on every class (for example
+    ``configs/shapes_joint.yaml``), instead of training it again. The run must have used the same
     model, augmentation, loss and training settings (iterations included) and all classes;
-    anything else is a :class:`UserError` naming the differences."""
+    anything else is a :class:`UserError` naming the differences. Check it before training the
+    other methods, so that a wrong reference fails at once."""
     metrics_path = Path(metrics_path)
     cfg_path = metrics_path.parent / "config.yaml"
     if not metrics_path.is_file() or not cfg_path.is_file():
@@ -65,10 +65,15 @@ def use_joint_reference(result: dict, metrics_path: str | Path, cfg: dict,
     if diffs:
         raise UserError(f"--joint-reference: {metrics_path} was trained differently from this "
                         f"benchmark: {', '.join(diffs)}")
+    return float(metrics["map"]["all"]["AP"])
+
+
+def with_joint_reference(result: dict, joint_ap: float, source: str | Path) -> dict:
+    """``result`` of :func:`accuracy` with ``joint``'s AP taken from a reference run."""
     out = dict(result)
-    out["final_ap"] = dict(result["final_ap"], joint=metrics["map"]["all"]["AP"])
-    out["joint_reference"] = str(metrics_path)
-    out["ratio_to_joint"] = {m: v / out["final_ap"]["joint"] for m, v in out["final_ap"].items()}
+    out["final_ap"] = dict(result["final_ap"], joint=joint_ap)
+    out["joint_reference"] = str(source)
+    out["ratio_to_joint"] = {m: v / joint_ap for m, v in out["final_ap"].items()}
     return out
 
 

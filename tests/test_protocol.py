@@ -65,7 +65,7 @@ def test_run_protocol_tool_writes_report_plots_and_shares_step_0(tiny_config, tm
 def test_joint_reference_is_used_only_when_trained_the_same_way(tmp_path):
     import pytest
 
-    from incdet.benchmarks import use_joint_reference
+    from incdet.benchmarks import read_joint_reference, with_joint_reference
     from incdet.config import dump_config
     from incdet.errors import UserError
 
@@ -76,7 +76,10 @@ def test_joint_reference_is_used_only_when_trained_the_same_way(tmp_path):
     metrics = {"classes": {"old": [], "new": [1, 2, 3, 4]}, "map": {"all": {"AP": 0.4}}}
     (ref / "metrics.json").write_text(json.dumps(metrics))
     result = {"final_ap": {"incdet": 0.3, "finetune": 0.1}}
-    out = use_joint_reference(result, ref / "metrics.json", cfg, [1, 2, 3, 4])
+    joint_ap = read_joint_reference(ref / "metrics.json", cfg, [1, 2, 3, 4])
+    assert joint_ap == 0.4
+    out = with_joint_reference(result, joint_ap, ref / "metrics.json")
+    assert out["joint_reference"] == str(ref / "metrics.json")
     assert out["final_ap"]["joint"] == 0.4
     assert out["ratio_to_joint"] == {"incdet": pytest.approx(0.75), "finetune": pytest.approx(0.25),
                                      "joint": 1.0}
@@ -84,8 +87,8 @@ def test_joint_reference_is_used_only_when_trained_the_same_way(tmp_path):
     other = load_config(None, ["split=2+2", "train.max_iters=40", "train.lr=0.01",
                                "model.fpn_channels=32"])
     with pytest.raises(UserError, match=r"differently .*model\.fpn_channels, train\.lr"):
-        use_joint_reference(result, ref / "metrics.json", other, [1, 2, 3, 4])
+        read_joint_reference(ref / "metrics.json", other, [1, 2, 3, 4])
     with pytest.raises(UserError, match=r"classes \(4 of 5\)"):
-        use_joint_reference(result, ref / "metrics.json", cfg, [1, 2, 3, 4, 5])
+        read_joint_reference(ref / "metrics.json", cfg, [1, 2, 3, 4, 5])
     with pytest.raises(UserError, match="must be the metrics.json of a finished step-0 run"):
-        use_joint_reference(result, tmp_path / "missing" / "metrics.json", cfg, [1, 2, 3, 4])
+        read_joint_reference(tmp_path / "missing" / "metrics.json", cfg, [1, 2, 3, 4])

@@ -130,11 +130,14 @@ def main(argv=None) -> int:
                 else:
                     variants[entry] = [f"incremental.method={m}", "memory.budget=0"]
                 variants[entry] += extra
-            r = benchmarks.accuracy(cfg, f"{args.out}/{name}_{iters}", variants, progress)
-            if "joint" not in variants and args.joint_reference:
+            joint_ap = None
+            if "joint" not in variants and args.joint_reference:  # checked before any training
                 _, _, classes = load_experiment(cfg, progress=False)
-                r = benchmarks.use_joint_reference(r, args.joint_reference, cfg,
-                                                   list(classes.order))
+                joint_ap = benchmarks.read_joint_reference(args.joint_reference, cfg,
+                                                           list(classes.order))
+            r = benchmarks.accuracy(cfg, f"{args.out}/{name}_{iters}", variants, progress)
+            if joint_ap is not None:
+                r = benchmarks.with_joint_reference(r, joint_ap, args.joint_reference)
             r["config"] = f"configs/{name}.yaml"
             r["seed"] = cfg["train"]["seed"]
             print(f"[{section}] final AP (all classes): " + ", ".join(
