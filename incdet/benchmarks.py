@@ -45,7 +45,8 @@ def accuracy(cfg: dict, work_dir: Path, variants: dict[str, list[str]], progress
 def read_joint_reference(metrics_path: str | Path, cfg: dict, all_classes: list[int]) -> float:
     """``joint``'s final AP from an existing step-0 run on every class (for example
     ``configs/shapes_joint.yaml``), instead of training it again. The run must have used the same
-    model, augmentation, loss and training settings (iterations included) and all classes;
+    data (its folder aside: the evaluation subset and the generator's settings count), model,
+    augmentation, loss and training settings (iterations included) and all classes;
     anything else is a :class:`UserError` naming the differences. Check it before training the
     other methods, so that a wrong reference fails at once."""
     metrics_path = Path(metrics_path)
@@ -56,9 +57,10 @@ def read_joint_reference(metrics_path: str | Path, cfg: dict, all_classes: list[
     with open(metrics_path) as f:
         metrics = json.load(f)
     ref_cfg = load_config(cfg_path)
-    diffs = [f"{section}.{k}" for section in ("model", "augment", "loss", "train")
+    diffs = [f"{section}.{k}" for section in ("data", "model", "augment", "loss", "train")
              for k in sorted(set(cfg[section]) | set(ref_cfg[section]))
-             if cfg[section].get(k) != ref_cfg[section].get(k)]
+             if cfg[section].get(k) != ref_cfg[section].get(k)
+             and (section, k) != ("data", "root")]  # the same data may live elsewhere
     seen = sorted(metrics["classes"]["old"] + metrics["classes"]["new"])
     if seen != sorted(all_classes):
         diffs.append(f"classes ({len(seen)} of {len(all_classes)})")

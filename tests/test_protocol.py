@@ -88,6 +88,11 @@ def test_joint_reference_is_used_only_when_trained_the_same_way(tmp_path):
                                "model.fpn_channels=32"])
     with pytest.raises(UserError, match=r"differently .*model\.fpn_channels, train\.lr"):
         read_joint_reference(ref / "metrics.json", other, [1, 2, 3, 4])
+    quick = load_config(None, ["split=2+2", "train.max_iters=40", "data.val_max_images=100"])
+    with pytest.raises(UserError, match=r"differently .*: data\.val_max_images$"):
+        read_joint_reference(ref / "metrics.json", quick, [1, 2, 3, 4])
+    moved = load_config(None, ["split=2+2", "train.max_iters=40", f"data.root={tmp_path}"])
+    assert read_joint_reference(ref / "metrics.json", moved, [1, 2, 3, 4]) == 0.4
     with pytest.raises(UserError, match=r"classes \(4 of 5\)"):
         read_joint_reference(ref / "metrics.json", cfg, [1, 2, 3, 4, 5])
     with pytest.raises(UserError, match="must be the metrics.json of a finished step-0 run"):
