@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
         "root": "data/shapes",  # other data paths are relative to it (and it to the config file)
         "train": {"images": "images/train", "annotations": "annotations/train.json"},
         "val": {"images": "images/val", "annotations": "annotations/val.json"},
-        # Generate the built-in dataset at `root` when it is missing (null: never generate).
+        # Generate the built-in dataset at `root` when it is missing (generate: false: never).
         "synthetic": {"generate": True, "num_train": 2000, "num_val": 300, "image_size": 128,
                       "seed": 0},
         "val_max_images": None,  # evaluate on the first N validation images only (null: all)

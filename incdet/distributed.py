@@ -6,8 +6,9 @@ several machines through torchrun's own ``--nnodes`` / ``--rdzv-*`` options). De
 
 * **Batches.** Every process draws the same global batch sequence (same seed) of
   ``N x train.batch_size`` images, from the step's data and the memory alike, and keeps its own
-  slice (:class:`ShardedBatchSampler`): no image is seen twice or skipped within an epoch, and the
-  memory share of a batch holds globally. ``train.batch_size`` is per process; scale ``train.lr``
+  slice (:class:`ShardedBatchSampler`): no image is seen by two processes, the last incomplete
+  global batch of an epoch is dropped as with one process, and the memory share of a batch holds
+  globally. ``train.batch_size`` is per process; scale ``train.lr``
   with N as usual.
 * **Losses.** The focal and box losses are normalised by the number of foreground anchors of the
   *global* batch (all-reduced), so the DDP-averaged gradient equals the gradient of one process on

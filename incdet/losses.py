@@ -4,7 +4,7 @@ box regression loss. Each returns a scalar; :class:`DetectionLoss` returns ``{"l
 
 Missing annotations: an image's ``label_space`` lists the label indices it is annotated for. The
 focal loss gives background targets only on those channels, so an unlabelled object of another
-class is never taught as background (DESIGN.md, "background shift").
+class is never taught as background (README, "Missing annotations").
 """
 from __future__ import annotations
 

@@ -97,3 +97,21 @@ def test_joint_reference_is_used_only_when_trained_the_same_way(tmp_path):
         read_joint_reference(ref / "metrics.json", cfg, [1, 2, 3, 4, 5])
     with pytest.raises(UserError, match="must be the metrics.json of a finished step-0 run"):
         read_joint_reference(tmp_path / "missing" / "metrics.json", cfg, [1, 2, 3, 4])
+
+
+def test_benchmark_refuses_joint_reference_beside_joint(tmp_path, capsys):
+    import importlib.util
+
+    import pytest
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("benchmark_tool", ROOT / "tools" / "benchmark.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--sections", "2step", "--methods", "incdet,joint@train.lr=0.01",
+                   "--joint-reference", str(tmp_path / "metrics.json"), "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert "--joint-reference replaces training joint" in capsys.readouterr().err
+    assert not (tmp_path / "benchmark.json").exists()

@@ -63,6 +63,9 @@ def main(argv=None) -> int:
         args.overrides = ["data.val_max_images=100"] + args.overrides
     sections = [s for s in args.sections.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
+    if args.joint_reference and any(m.split("@")[0] == "joint" for m in methods):
+        parser.error("--joint-reference replaces training joint: drop joint from --methods, or "
+                     "drop --joint-reference to train it")
     progress = not args.no_progress
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "torch": torch.__version__, "threads": torch.get_num_threads(),

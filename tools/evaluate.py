@@ -1,6 +1,6 @@
 """Evaluate a step checkpoint on the validation set and print the COCO table by class group.
 
-    python tools/evaluate.py --checkpoint runs/demo/step_0/checkpoint.pt [--config C]
+    python tools/evaluate.py --checkpoint runs/demo/incdet/step_0/checkpoint.pt [--config C]
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Print the per-step results of a work directory (old / new / all AP, forgetting, time).
 
-    python tools/summarize.py runs/demo
+    python tools/summarize.py runs/demo/incdet
 """
 from __future__ import annotations
 

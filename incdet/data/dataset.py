@@ -3,7 +3,7 @@
 A sample is ``(image, target)``: ``image`` a float CHW tensor in [0, 1]; ``target`` holds
 ``boxes`` (N, 4) xyxy, ``labels`` (N,) model label indices, ``image_id`` and ``label_space``: the
 label indices the image is annotated for. The classification loss treats only those channels as
-background on that image (missing-annotation handling, DESIGN.md).
+background on that image (README, "Missing annotations").
 """
 from __future__ import annotations
 
