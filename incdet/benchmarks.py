@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from incdet import methods
-from incdet.config import load_config
+from incdet.config import differing_keys, load_config
 from incdet.data.dataset import DetectionDataset, collate
 from incdet.data.records import filter_for_classes
 from incdet.engine import build_optimizer, seed_everything
@@ -52,15 +52,14 @@ def read_joint_reference(metrics_path: str | Path, cfg: dict, all_classes: list[
     metrics_path = Path(metrics_path)
     cfg_path = metrics_path.parent / "config.yaml"
     if not metrics_path.is_file() or not cfg_path.is_file():
-        raise UserError(f"--joint-reference: {metrics_path} (and config.yaml beside it) must be the "
-                        "metrics.json of a finished step-0 run on all classes")
+        raise UserError(f"--joint-reference: {metrics_path} (and config.yaml beside it) must be "
+                        "the metrics.json of a finished step-0 run on all classes")
     with open(metrics_path) as f:
         metrics = json.load(f)
     ref_cfg = load_config(cfg_path)
     diffs = [f"{section}.{k}" for section in ("data", "model", "augment", "loss", "train")
-             for k in sorted(set(cfg[section]) | set(ref_cfg[section]))
-             if cfg[section].get(k) != ref_cfg[section].get(k)
-             and (section, k) != ("data", "root")]  # the same data may live elsewhere
+             for k in differing_keys(cfg[section], ref_cfg[section])
+             if (section, k) != ("data", "root")]  # the same data may live elsewhere
     seen = sorted(metrics["classes"]["old"] + metrics["classes"]["new"])
     if seen != sorted(all_classes):
         diffs.append(f"classes ({len(seen)} of {len(all_classes)})")
@@ -255,7 +254,7 @@ def inference_speed(ckpt_path: str | Path, num_images: int = 64, repeats: int = 
     from incdet.config import with_defaults
     from incdet.data import synthetic
     from incdet.data.dataset import to_tensor
-    from incdet.export import quiet_warnings, export, onnx_session, to_torchvision
+    from incdet.export import export, onnx_session, quiet_warnings, to_torchvision
     from incdet.model.builder import build_model
     from incdet.step import model_from_checkpoint
 

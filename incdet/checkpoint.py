@@ -55,12 +55,11 @@ def load_model_state(model, ckpt: dict, model_cfg: dict, source: str | os.PathLi
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        from incdet.config import with_defaults
+        from incdet.config import differing_keys, with_defaults
 
         saved = with_defaults(ckpt.get("config") or {}).get("model", {})
         diff = [f"model.{k}: {_yaml(model_cfg.get(k))} here, {_yaml(saved.get(k))} in the "
-                "checkpoint" for k in sorted(set(saved) | set(model_cfg))
-                if saved.get(k) != model_cfg.get(k)]
+                "checkpoint" for k in differing_keys(model_cfg, saved)]
         why = ("; ".join(diff) + ". Use the model settings the checkpoint was trained with (its "
                "config.yaml, or --set model.KEY=VALUE)") if diff else \
             f"{str(e).splitlines()[0]}. Use the config the checkpoint was trained with"

@@ -248,6 +248,12 @@ def with_defaults(saved: dict) -> dict:
     return _merge(DEFAULTS, saved)
 
 
+def differing_keys(a: dict, b: dict) -> list[str]:
+    """The keys (sorted) whose values differ between two config sections (a missing key counts
+    as None)."""
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def strip_private(cfg: dict) -> dict:
     """The config without keys starting with ``_`` (what is saved in checkpoints)."""
     return {k: copy.deepcopy(v) for k, v in cfg.items() if not k.startswith("_")}

@@ -75,7 +75,8 @@ def quotas(class_ids: Sequence[int], budget: int | None = None,
            per_class: int | None = None) -> dict[int, int]:
     """Images allowed per class, for classes in class order (see the module docstring)."""
     if (budget is None) == (per_class is None):
-        raise UserError("memory: set exactly one of memory.budget and memory.per_class (e.g. --set memory.per_class=5 --set memory.budget=null)")
+        raise UserError("memory: set exactly one of memory.budget and memory.per_class (e.g. "
+                        "--set memory.per_class=5 --set memory.budget=null)")
     if per_class is not None:
         return {c: int(per_class) for c in class_ids}
     n = len(class_ids)

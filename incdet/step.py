@@ -226,10 +226,12 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     dataset = loader.dataset
 
     memory_format = torch.channels_last if tcfg.get("channels_last") else torch.contiguous_format
-    student = methods.build_student(cfg, sc, plan, previous, prev_path).to(device, memory_format=memory_format)
+    student = methods.build_student(cfg, sc, plan, previous, prev_path)
+    student = student.to(device, memory_format=memory_format)
     teacher = None
     if plan.uses_teacher:
-        teacher = methods.build_teacher(cfg, previous, prev_path).to(device, memory_format=memory_format)
+        teacher = methods.build_teacher(cfg, previous, prev_path)
+        teacher = teacher.to(device, memory_format=memory_format)
     criterion = methods.make_criterion(cfg, student, teacher, plan, classes, sc)
     if tcfg.get("sync_bn") and dist.world_size() > 1:
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)

@@ -51,6 +51,12 @@ def main(argv=None) -> int:
             print(markdown(json.load(f)))
         return 0
 
+    sections = [s for s in args.sections.split(",") if s]
+    methods = [m for m in args.methods.split(",") if m]
+    if args.joint_reference and any(m.split("@")[0] == "joint" for m in methods):
+        parser.error("--joint-reference replaces training joint: drop joint from --methods, or "
+                     "drop --joint-reference to train it")
+
     import torch
 
     from incdet import benchmarks
@@ -61,11 +67,6 @@ def main(argv=None) -> int:
     iters = args.iters or (20 if args.quick else 600)
     if args.quick:  # evaluate on 100 validation images: the quick figures are a smoke check
         args.overrides = ["data.val_max_images=100"] + args.overrides
-    sections = [s for s in args.sections.split(",") if s]
-    methods = [m for m in args.methods.split(",") if m]
-    if args.joint_reference and any(m.split("@")[0] == "joint" for m in methods):
-        parser.error("--joint-reference replaces training joint: drop joint from --methods, or "
-                     "drop --joint-reference to train it")
     progress = not args.no_progress
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "torch": torch.__version__, "threads": torch.get_num_threads(),
