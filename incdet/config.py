@@ -113,7 +113,8 @@ DEFAULTS: dict[str, Any] = {
         "budget": 100,  # images in total, shared equally among seen classes (0: no memory)
         "per_class": None,  # or images per class (then budget must be null)
         "selection": "herding",  # herding | closest | random
-        "replay_fraction": 0.25,  # share of every batch drawn from the memory
+        "replay_fraction": 0.25,  # memory images per batch, as a fraction of train.batch_size
+        "replay_mode": "share",  # share: they take batch places | add: they come on top
         "feature_size": 4,  # RoIAlign output size for memory features
         # End-to-End Incremental Learning's balanced fine-tuning, after a step's main training
         "balanced_finetune": {"enabled": False, "iters": 100, "lr_scale": 0.1},

@@ -24,8 +24,8 @@ from incdet.checkpoint import check_compatible, load_checkpoint, load_model_stat
 from incdet.classes import ClassSpace
 from incdet.config import dump_config, strip_private, with_defaults
 from incdet.data.dataset import DetectionDataset, make_loader
-from incdet.data.sampler import MixedBatchSampler
 from incdet.data.records import filter_for_classes
+from incdet.data.sampler import MixedBatchSampler, check_replay_mode
 from incdet.data.sources import ensure_builtin, load_subset
 from incdet.data.transforms import build_train_transform
 from incdet.engine import (build_optimizer, build_scheduler, resolve_device, seed_everything,
@@ -80,7 +80,8 @@ def train_loader(cfg: dict, classes: ClassSpace, records, label_space, memory: M
     generator.manual_seed(int(tcfg["seed"]) + seed)
     if mem_records:
         sampler = MixedBatchSampler(len(records), len(mem_records), bs * world,
-                                    float(cfg["memory"]["replay_fraction"]), generator)
+                                    float(cfg["memory"]["replay_fraction"]), generator,
+                                    cfg["memory"]["replay_mode"])
     elif world > 1:
         sampler = torch.utils.data.BatchSampler(
             torch.utils.data.RandomSampler(dataset, generator=generator), bs * world,
@@ -201,6 +202,8 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     sc = classes.step(t)
     method = cfg["incremental"]["method"]
     plan = methods.plan_step(method, classes, sc, methods.memory_enabled(cfg))
+    if plan.uses_memory:  # a wrong setting fails now, not after the step has trained
+        check_replay_mode(cfg["memory"]["replay_mode"])
 
     previous = prev_path = None
     if plan.uses_previous:

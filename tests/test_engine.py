@@ -68,6 +68,25 @@ def test_mixed_batches_hold_memory_images_at_the_ratio():
     assert new_seen == list(range(20))  # one pass over the new images per epoch
 
 
+def test_added_replay_keeps_every_new_place_and_adds_memory_on_top():
+    g = torch.Generator().manual_seed(0)
+    sampler = MixedBatchSampler(num_new=20, num_memory=3, batch_size=4, fraction=0.5,
+                                generator=g, mode="add")
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 5  # as many batches as without memory
+    assert all(sum(i < 20 for i in b) == 4 and sum(i >= 20 for i in b) == 2 for b in batches)
+    new_seen = sorted(i for b in batches for i in b if i < 20)
+    assert new_seen == list(range(20))
+    memory_seen = [i for b in batches for i in b if i >= 20]
+    assert sorted(memory_seen[:6]) == [20, 20, 21, 21, 22, 22]  # memory cycles through all
+
+
+def test_unknown_replay_mode_names_the_key():
+    with pytest.raises(UserError, match=r"memory.replay_mode: 'concat' is not one of share, add"):
+        MixedBatchSampler(num_new=20, num_memory=3, batch_size=4, fraction=0.25,
+                          generator=torch.Generator(), mode="concat")
+
+
 def test_non_finite_loss_stops_with_the_terms(tmp_path):
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

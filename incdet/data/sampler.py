@@ -5,29 +5,47 @@ import math
 
 import torch
 
+from incdet.errors import UserError
+
+REPLAY_MODES = ("share", "add")
+
+
+def check_replay_mode(mode: str) -> None:
+    if mode not in REPLAY_MODES:
+        raise UserError(f"memory.replay_mode: {mode!r} is not one of {', '.join(REPLAY_MODES)}")
+
 
 class MixedBatchSampler(torch.utils.data.Sampler):
     """Indices ``[0, num_new)`` are new images, ``[num_new, num_new + num_memory)`` memory images.
 
-    Every batch holds ``round(fraction * batch_size)`` memory images (at least one when there is
-    a memory) and new images for the rest; an epoch is one pass over the new images, memory
+    Every batch holds ``k = round(fraction * batch_size)`` memory images (at least one when there
+    is a memory). ``mode="share"``: they take ``k`` of the ``batch_size`` places and new images
+    fill the rest, so an iteration costs what it costs without memory. ``mode="add"``: every
+    batch holds ``batch_size`` new images plus the ``k`` memory images (experience replay's
+    concatenated replay batch), so the new data is seen exactly as often as without memory and
+    an iteration costs ``k`` images more. An epoch is one pass over the new images; memory
     images cycle through their own shuffled order. Randomness comes from ``generator``.
     """
 
     def __init__(self, num_new: int, num_memory: int, batch_size: int, fraction: float,
-                 generator: torch.Generator):
+                 generator: torch.Generator, mode: str = "share"):
+        check_replay_mode(mode)
         self.num_new, self.num_memory = num_new, num_memory
         self.batch_size = batch_size
         k = int(round(fraction * batch_size)) if num_memory else 0
         if num_memory and fraction > 0:
             k = max(1, k)
-        self.per_batch_memory = min(k, batch_size - 1) if num_new else batch_size
+        if not num_new:
+            k = batch_size
+        elif mode == "share":
+            k = min(k, batch_size - 1)
+        self.per_batch_memory = k
+        self.per_batch_new = batch_size if mode == "add" else batch_size - k
         self.generator = generator
         self._mem_order: list[int] = []
 
     def __len__(self) -> int:
-        per_new = self.batch_size - self.per_batch_memory
-        return math.ceil(self.num_new / per_new) if per_new else 0
+        return math.ceil(self.num_new / self.per_batch_new) if self.num_new else 0
 
     def _next_memory(self) -> int:
         if not self._mem_order:
@@ -35,7 +53,7 @@ class MixedBatchSampler(torch.utils.data.Sampler):
         return self.num_new + self._mem_order.pop()
 
     def __iter__(self):
-        per_new = self.batch_size - self.per_batch_memory
+        per_new = self.per_batch_new
         new_order = torch.randperm(self.num_new, generator=self.generator).tolist()
         for start in range(0, self.num_new, per_new):
             batch = new_order[start:start + per_new]
