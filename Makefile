@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-incdet
 WORK ?= runs/demo
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: setup demo test benchmark clean
+.PHONY: setup demo test lint benchmark clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest tests
+
+lint: setup
+	$(BIN)/pip install -q -e ".[lint]"
+	$(BIN)/flake8 incdet tools tests
+	$(BIN)/isort --check-only --diff incdet tools tests
 
 benchmark: setup
 	$(BIN)/python tools/benchmark.py --quick

@@ -198,7 +198,8 @@ def markdown(report: dict) -> str:
     if "cost" in res:
         c = res["cost"]
         lines.append(f"| incremental iteration / plain iteration (same batch) | "
-                     f"{c['ratio']:.2f}× ({c['incdet_s']:.3f} s vs {c['plain_s']:.3f} s) | ≤ 1.4× |")
+                     f"{c['ratio']:.2f}× ({c['incdet_s']:.3f} s vs {c['plain_s']:.3f} s) "
+                     "| ≤ 1.4× |")
     if "herding" in res:
         h = {k: v for k, v in res["herding"].items() if isinstance(v, dict) and "pairs" in v}
         ks = sorted(h, key=int)
@@ -301,4 +302,3 @@ def inference_speed(ckpt_path: str | Path, num_images: int = 64, repeats: int = 
     if "onnxruntime" in ips:
         out["onnxruntime_over_eager"] = ips["onnxruntime"] / ips["grown_fused"]
     return out
-

@@ -39,7 +39,8 @@ DEFAULTS: dict[str, Any] = {
         "width_mult": 1.0,  # mobilenet_v3_large only: channel multiplier (from scratch)
         "reduced_tail": True,  # mobilenet_v3_large only: halve the channels of the last stage
         "trainable_layers": 5,  # backbone stages trained when weights are given (0-5)
-        "norm": "auto",  # auto (frozen with weights, else batchnorm) | batchnorm | groupnorm | frozen
+        # auto (frozen with weights, else batchnorm) | batchnorm | groupnorm | frozen
+        "norm": "auto",
         "fpn_channels": 64,
         "fpn_norm": "none",  # none | batchnorm | groupnorm: normalisation after the FPN convs
         "head_convs": 2,
@@ -152,11 +153,13 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+        first = str(e).splitlines()[0]
+        raise UserError(f"{path}: not valid YAML ({first}); fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
+        raise UserError(f"{path}: a config file must be a mapping of keys, "
+                        f"got {type(data).__name__}")
     return data
 
 

@@ -190,7 +190,8 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
                 writer.add_scalar("train/loss", values["loss"], it)
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], it)
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2g}")
+            bar.set_postfix(loss=f"{values['loss']:.3f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.2g}")
             if it >= total_iters:
                 break
             if every and on_checkpoint is not None and it % every == 0:

@@ -28,8 +28,11 @@ from typing import Sequence
 import torch
 from torch import nn
 from torchvision.models.detection import RetinaNet
-from torchvision.models.detection.retinanet import (RetinaNetClassificationHead, RetinaNetHead,
-                                                     RetinaNetRegressionHead)
+from torchvision.models.detection.retinanet import (
+    RetinaNetClassificationHead,
+    RetinaNetHead,
+    RetinaNetRegressionHead,
+)
 
 from incdet.errors import UserError
 from incdet.io import atomic_write_json

@@ -97,7 +97,8 @@ def select_images(rankings: dict[int, list[int]], quota: dict[int, int]) -> list
 
 @torch.no_grad()
 def roi_features(model, records: Sequence[ImageRecord], batch_size: int, device,
-                 output_size: int = 4, progress: bool = False) -> dict[tuple[int, int], torch.Tensor]:
+                 output_size: int = 4,
+                 progress: bool = False) -> dict[tuple[int, int], torch.Tensor]:
     """Per (image id, category id), the L2-normalised mean RoI feature of its boxes: (C,)."""
     from torchvision.ops import MultiScaleRoIAlign
     from tqdm import tqdm

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from incdet.checkpoint import load_model_state
 from incdet.classes import ClassSpace, StepClasses
 from incdet.errors import UserError

@@ -78,7 +78,8 @@ def plot_ap_over_steps(summary: dict, path: Path) -> None:
         xs = [m["step"] for m in steps]
         ax.plot(xs, [m["map"]["all"]["AP"] for m in steps], "-o", color=colour,
                 label=f"{name} (all)")
-        old = [(m["step"], m["map"]["old"]["AP"]) for m in steps if m["map"]["old"]["AP"] is not None]
+        old = [(m["step"], m["map"]["old"]["AP"]) for m in steps
+               if m["map"]["old"]["AP"] is not None]
         if old:
             ax.plot(*zip(*old), "--s", color=colour, alpha=0.7, label=f"{name} (old)")
     ax.set_xlabel("step")

@@ -28,8 +28,7 @@ from incdet.data.records import filter_for_classes
 from incdet.data.sampler import MixedBatchSampler, check_replay_mode
 from incdet.data.sources import ensure_builtin, load_subset
 from incdet.data.transforms import build_train_transform
-from incdet.engine import (build_optimizer, build_scheduler, resolve_device, seed_everything,
-                           train)
+from incdet.engine import build_optimizer, build_scheduler, resolve_device, seed_everything, train
 from incdet.errors import UserError
 from incdet.evaluation import evaluate_model, format_table
 from incdet.io import atomic_write_json
@@ -128,7 +127,8 @@ def balanced_finetune(cfg: dict, student, classes: ClassSpace, sc, memory: Memor
     bcfg = cfg["memory"]["balanced_finetune"]
     recs = [memory.records[i] for i in sorted(memory.records)]
     spaces = [classes.labels(memory.label_spaces[i]) for i in sorted(memory.records)]
-    dataset = DetectionDataset(recs, classes.label_of, spaces, build_train_transform(cfg["augment"]))
+    dataset = DetectionDataset(recs, classes.label_of, spaces,
+                               build_train_transform(cfg["augment"]))
     tcfg = dict(cfg["train"], lr=float(cfg["train"]["lr"]) * float(bcfg["lr_scale"]),
                 warmup_iters=0)
     loader = make_loader(dataset, int(tcfg["batch_size"]), shuffle=True, num_workers=0,

@@ -5,8 +5,9 @@ import sys
 
 import torch
 
-from conftest import ROOT
 from incdet.checkpoint import load_checkpoint
+
+from conftest import ROOT
 
 
 def _torchrun(*args, timeout=600):

@@ -10,13 +10,14 @@ import pytest
 import torch
 from pycocotools.cocoeval import COCOeval
 
-from conftest import ROOT
 from incdet.checkpoint import load_checkpoint
 from incdet.config import load_config
 from incdet.data.records import coco_api, to_coco_dict
 from incdet.data.sources import load_subset
 from incdet.evaluation import METRIC_KEYS, predict
 from incdet.step import model_from_checkpoint, run_step
+
+from conftest import ROOT
 
 
 def _tool(*args, cwd=ROOT):
@@ -146,8 +147,8 @@ def test_checkpoint_of_another_split_is_refused(tiny_config, tmp_path):
         run_step(reordered, 1, tmp_path / "y", progress=False)
 
 
-def test_memory_is_selected_within_budget_and_replayed_with_its_label_space(tiny_config,
-                                                                             tmp_path):
+def test_memory_is_selected_within_budget_and_replayed_with_its_label_space(
+        tiny_config, tmp_path):
     from incdet.data.records import filter_for_classes
     from incdet.memory import Memory
     from incdet.step import load_experiment, train_loader
@@ -163,8 +164,8 @@ def test_memory_is_selected_within_budget_and_replayed_with_its_label_space(tiny
 
     train_set, _, classes = load_experiment(cfg, progress=False)
     new_records = filter_for_classes(train_set.records, classes.step(1).new)
-    loader = train_loader(cfg, classes, new_records, tuple(classes.labels([9, 11, 14, 16, 18])),
-                           memory, seed=1)
+    space = tuple(classes.labels([9, 11, 14, 16, 18]))
+    loader = train_loader(cfg, classes, new_records, space, memory, seed=1)
     ds = loader.dataset
     new_ids = {r.id for r in new_records}
     assert {r.id for r in ds.records} == new_ids | set(memory.records)

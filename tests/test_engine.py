@@ -116,7 +116,8 @@ def test_mixed_precision_and_channels_last_options(tiny_config, tmp_path):
     cfg = load_config(tiny_config, ["train.amp=bf16", "train.channels_last=true",
                                     "train.max_iters=2", "split=10"])
     m = run_step(cfg, 0, tmp_path / "a", progress=False)
-    lines = [json.loads(x) for x in (tmp_path / "a" / "step_0" / "log.jsonl").read_text().splitlines()]
+    log_text = (tmp_path / "a" / "step_0" / "log.jsonl").read_text()
+    lines = [json.loads(x) for x in log_text.splitlines()]
     assert m["train"]["iterations"] == 2 and all(np.isfinite(x["loss"]) for x in lines)
     bad = load_config(tiny_config, ["train.amp=fp16", "train.device=cpu"])
     with pytest.raises(UserError, match="train.amp: fp16 needs a CUDA device"):

@@ -91,8 +91,8 @@ def test_unknown_category_id(dataset_copy, tmp_path, capsys):
     _assert_clear_error(rc, err, tmp_path / "w", str(ann), "unknown category id 99")
 
 
-def test_negative_and_outside_boxes_are_dropped_or_clipped_not_fatal(dataset_copy, tmp_path,
-                                                                      capsys, caplog):
+def test_negative_and_outside_boxes_are_dropped_or_clipped_not_fatal(
+        dataset_copy, tmp_path, capsys, caplog):
     def edit(d):
         d["annotations"][0]["bbox"][2] = -5.0  # negative width: dropped
         box = d["annotations"][1]["bbox"]

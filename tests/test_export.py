@@ -8,14 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
 from incdet.checkpoint import load_checkpoint, save_checkpoint
 from incdet.config import load_config
 from incdet.errors import UserError
-from incdet.export import (Detector, ExportModule, export, fuse_classifiers, load_detector,
-                           sample_images, to_torchvision)
+from incdet.export import (
+    Detector,
+    ExportModule,
+    export,
+    fuse_classifiers,
+    load_detector,
+    sample_images,
+)
 from incdet.model.heads import IncrementalClassificationHead
 from incdet.step import model_from_checkpoint, run_step
+
+from conftest import ROOT
 
 SIZES = ((64, 64), (48, 80), (75, 55))
 

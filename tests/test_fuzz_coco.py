@@ -55,7 +55,8 @@ def mutated(draw):
     return doc
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=mutated())
 def test_malformed_coco_json_only_raises_user_errors(tmp_path, doc):
     (tmp_path / "img").mkdir(exist_ok=True)

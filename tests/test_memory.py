@@ -8,8 +8,7 @@ from hypothesis import strategies as st
 
 from incdet.data.records import ImageRecord
 from incdet.errors import UserError
-from incdet.memory import (Memory, build_memory, closest_rank, herding_rank, quotas,
-                           select_images)
+from incdet.memory import Memory, build_memory, closest_rank, herding_rank, quotas, select_images
 
 
 def brute_force_herding(x: np.ndarray, limit: int) -> list[int]:

@@ -4,11 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 from incdet.classes import ClassSpace
 from incdet.config import load_config
 from incdet.data.synthetic import CATEGORIES as SHAPES
 from incdet.data.voc import VOC_CATEGORIES
+
+from conftest import ROOT
 
 COCO = json.loads((ROOT / "incdet" / "data" / "coco_categories.json").read_text())
 PRESETS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("_"))

@@ -6,10 +6,11 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT
 from incdet.checkpoint import load_checkpoint
 from incdet.config import load_config
 from incdet.step import run_step
+
+from conftest import ROOT
 
 
 def _digest(folder):

@@ -21,9 +21,11 @@ SECTIONS = ("throughput", "cost", "herding", "2step", "4step", "inference")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None,
-                        help="results folder (default runs/benchmark, --quick: runs/benchmark_quick)")
+                        help="results folder "
+                             "(default runs/benchmark, --quick: runs/benchmark_quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="small budgets: every section in under 10 minutes (figures are noise-level)")
+                        help="small budgets: every section in under 10 minutes "
+                             "(figures are noise-level)")
     parser.add_argument("--iters", type=int, help="training iterations per step (all methods)")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--methods", default="incdet_memory,incdet,finetune,joint",

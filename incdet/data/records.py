@@ -16,7 +16,8 @@ import numpy as np
 
 @dataclass
 class ImageRecord:
-    """One annotated image. ``boxes`` (N, 4) float32 xyxy; ``category_ids`` (N,); ``iscrowd`` (N,)."""
+    """One annotated image. ``boxes`` (N, 4) float32 xyxy; ``category_ids`` (N,);
+    ``iscrowd`` (N,)."""
 
     id: int
     path: str

@@ -26,7 +26,8 @@ VOC_CATEGORIES = [{"id": i + 1, "name": n} for i, n in enumerate(VOC_CLASSES)]
 
 
 def parse_voc_xml(xml_path: str | os.PathLike) -> dict:
-    """One annotation file -> ``{"filename", "width", "height", "objects": [(name, box, difficult)]}``."""
+    """One annotation file ->
+    ``{"filename", "width", "height", "objects": [(name, box, difficult)]}``."""
     xml_path = Path(xml_path)
     try:
         root = ET.parse(xml_path).getroot()

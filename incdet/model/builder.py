@@ -42,7 +42,8 @@ def resolve_weights(spec: str | None) -> dict | None:
         except (ValueError, KeyError, AttributeError):
             raise UserError(f"model.weights: {spec!r} is neither a file nor a torchvision weights "
                             "name such as 'ResNet50_Weights.IMAGENET1K_V1'") from None
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+        name = os.path.basename(urlparse(weights.url).path)
+        path = Path(torch.hub.get_dir()) / "checkpoints" / name
         if not path.is_file():
             raise UserError(f"model.weights: {spec} is not in the local torch cache ({path}); "
                             "incdet never downloads: copy the file there or set model.weights "
