@@ -116,6 +116,9 @@ DEFAULTS: dict[str, Any] = {
         "selection": "herding",  # herding | closest | random
         "replay_fraction": 0.25,  # memory images per batch, as a fraction of train.batch_size
         "replay_mode": "share",  # share: they take batch places | add: they come on top
+        # pooled: one loss normalisation for the whole batch | separate: new and memory images
+        # each normalised by their own foreground anchors (the new classes' loss is not diluted)
+        "replay_loss": "pooled",
         "feature_size": 4,  # RoIAlign output size for memory features
         # End-to-End Incremental Learning's balanced fine-tuning, after a step's main training
         "balanced_finetune": {"enabled": False, "iters": 100, "lr_scale": 0.1},

@@ -90,20 +90,43 @@ def box_regression_loss(bbox_regression: torch.Tensor, anchors: list[torch.Tenso
 
 
 class DetectionLoss:
-    """``{"loss_cls", "loss_box"}`` for a batch, from the ``loss`` config section."""
+    """``{"loss_cls", "loss_box"}`` for a batch, from the ``loss`` config section.
 
-    def __init__(self, lcfg: dict, box_coder, matcher):
+    ``replay_weight``: None pools every image of the batch under one normalisation (by the
+    batch's foreground anchors). A number splits the batch by the targets' ``replayed`` flag:
+    each part's losses are normalised by its own foreground anchors, and the loss is
+    ``L(new images) + replay_weight * L(replayed memory images)``, so the new images' loss is the
+    same whether or not memory images are in the batch (memory.replay_loss: separate).
+    """
+
+    def __init__(self, lcfg: dict, box_coder, matcher, replay_weight: float | None = None):
         if lcfg["box"] not in ("giou", "l1", "smooth_l1"):
             from incdet.errors import UserError
             raise UserError(f"loss.box: {lcfg['box']!r} is not one of giou, l1, smooth_l1")
         self.cfg = lcfg
         self.box_coder = box_coder
         self.matcher = matcher
+        self.replay_weight = replay_weight
 
     def __call__(self, head_outputs: dict, anchors: list[torch.Tensor], targets: list[dict],
                  matched_idxs: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         if matched_idxs is None:
             matched_idxs = match_anchors(self.matcher, anchors, targets)
+        if self.replay_weight is None:
+            return self._pooled(head_outputs, anchors, targets, matched_idxs)
+        replayed = [bool(t.get("replayed", False)) for t in targets]
+        # both parts are always computed (possibly empty), so that every process of a
+        # distributed run takes part in the same foreground-count reductions
+        parts = []
+        for flag in (False, True):
+            idx = [i for i, r in enumerate(replayed) if r == flag]
+            sel = torch.tensor(idx, dtype=torch.long, device=head_outputs["cls_logits"].device)
+            parts.append(self._pooled({k: v.index_select(0, sel) for k, v in head_outputs.items()},
+                                      [anchors[i] for i in idx], [targets[i] for i in idx],
+                                      [matched_idxs[i] for i in idx]))
+        return {k: parts[0][k] + self.replay_weight * parts[1][k] for k in parts[0]}
+
+    def _pooled(self, head_outputs, anchors, targets, matched_idxs) -> dict[str, torch.Tensor]:
         return {
             "loss_cls": masked_focal_loss(head_outputs["cls_logits"], targets, matched_idxs,
                                           self.cfg["focal_alpha"], self.cfg["focal_gamma"]),

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from incdet import distributed as dist
 from incdet.checkpoint import load_model_state
 from incdet.classes import ClassSpace, StepClasses
+from incdet.data.sampler import replay_counts
 from incdet.errors import UserError
 from incdet.model.builder import build_model
 
@@ -77,13 +79,32 @@ def build_teacher(cfg: dict, previous: dict, source: str = "previous checkpoint"
     return teacher
 
 
+REPLAY_LOSSES = ("pooled", "separate")
+
+
+def replay_weight(cfg: dict) -> float | None:
+    """``memory.replay_loss``: None for ``pooled``; for ``separate`` the weight of the replayed
+    images' loss, their number per batch over the new images' number, so that per image the two
+    count about the same as when pooled."""
+    mcfg = cfg["memory"]
+    if mcfg["replay_loss"] not in REPLAY_LOSSES:
+        raise UserError(f"memory.replay_loss: {mcfg['replay_loss']!r} is not one of "
+                        f"{', '.join(REPLAY_LOSSES)}")
+    if mcfg["replay_loss"] == "pooled":
+        return None
+    new, memory = replay_counts(int(cfg["train"]["batch_size"]) * dist.world_size(),
+                                float(mcfg["replay_fraction"]), mcfg["replay_mode"])
+    return memory / new
+
+
 def make_criterion(cfg: dict, student, teacher, plan: Plan, classes: ClassSpace,
                    sc: StepClasses, distill_new: bool = False):
     """``loss_fn(images, targets) -> {"loss_*": Tensor}`` for the step's method."""
     from incdet.losses import DetectionLoss
     from incdet.model.builder import forward_train
 
-    detection = DetectionLoss(cfg["loss"], student.box_coder, student.proposal_matcher)
+    detection = DetectionLoss(cfg["loss"], student.box_coder, student.proposal_matcher,
+                              replay_weight(cfg) if plan.uses_memory and sc.step > 0 else None)
     if teacher is None:
         def loss_fn(images, targets):
             head_outputs, anchors, targets_t, _ = forward_train(student, images, targets)

@@ -72,7 +72,8 @@ def train_loader(cfg: dict, classes: ClassSpace, records, label_space, memory: M
     mem_spaces = [classes.labels(memory.label_spaces[r.id]) for r in mem_records]
     records = new_records
     dataset = DetectionDataset(records + mem_records, classes.label_of, new_spaces + mem_spaces,
-                               build_train_transform(cfg["augment"]))
+                               build_train_transform(cfg["augment"]),
+                               num_replayed=len(mem_records))
     bs = int(tcfg["batch_size"])
     world, rank = dist.world_size(), dist.rank()
     generator = torch.Generator()

@@ -153,7 +153,8 @@ def test_memory_is_selected_within_budget_and_replayed_with_its_label_space(
     from incdet.memory import Memory
     from incdet.step import load_experiment, train_loader
 
-    cfg = load_config(tiny_config, ["memory.budget=6", "split=5+5"])
+    cfg = load_config(tiny_config, ["memory.budget=6", "split=5+5", "memory.replay_mode=add",
+                                    "memory.replay_loss=separate"])
     run_step(cfg, 0, tmp_path, progress=False)
     mem_json = json.loads((tmp_path / "step_0" / "memory.json").read_text())
     assert len(mem_json["images"]) <= 6
@@ -183,8 +184,13 @@ def test_memory_is_selected_within_budget_and_replayed_with_its_label_space(
     for i, r in enumerate(ds.records):
         assert set(classes.labels(r.category_ids.tolist())) <= set(ds.label_spaces[i].tolist())
     memory_only = sum(1 for r in ds.records if r.id not in new_ids)
-    if memory_only:  # every batch mixes in memory images
+    if memory_only:  # every batch mixes in memory images, on top of a full batch of new ones
         assert all(any(j >= len(new_records) for j in b) for b in loader.batch_sampler)
+        assert ds[len(ds) - 1][1]["replayed"] is True  # the loss tells them apart
+        bs = cfg["train"]["batch_size"]
+        assert all(sum(j < len(new_records) for j in b) == min(bs, len(new_records))
+                   for b in list(loader.batch_sampler)[:-1])
+    assert ds[0][1]["replayed"] is False
 
     m1 = run_step(cfg, 1, tmp_path, progress=False)
     assert m1["memory"]["replayed_from_previous"] == len(memory)

@@ -1,9 +1,10 @@
 """The torch ``Dataset`` over :class:`ImageRecord`s, its collate function and data loaders.
 
 A sample is ``(image, target)``: ``image`` a float CHW tensor in [0, 1]; ``target`` holds
-``boxes`` (N, 4) xyxy, ``labels`` (N,) model label indices, ``image_id`` and ``label_space``: the
-label indices the image is annotated for. The classification loss treats only those channels as
-background on that image (README, "Missing annotations").
+``boxes`` (N, 4) xyxy, ``labels`` (N,) model label indices, ``image_id``, ``label_space``: the
+label indices the image is annotated for (the classification loss treats only those channels as
+background on that image, README, "Missing annotations"), and ``replayed``: whether it is a
+memory image replayed from an earlier step.
 """
 from __future__ import annotations
 
@@ -33,12 +34,14 @@ class DetectionDataset(torch.utils.data.Dataset):
         label_of: category id -> model label index.
         label_spaces: per record, the label indices it is annotated for.
         transform: an albumentations pipeline (or None).
+        num_replayed: the last ``num_replayed`` records are replayed memory images.
     """
 
     def __init__(self, records: Sequence[ImageRecord], label_of: dict[int, int],
-                 label_spaces: Sequence[Sequence[int]], transform=None):
+                 label_spaces: Sequence[Sequence[int]], transform=None, num_replayed: int = 0):
         if len(label_spaces) != len(records):
             raise ValueError("one label space per record is required")
+        self.first_replayed = len(records) - num_replayed
         self.records = list(records)
         self.label_of = dict(label_of)
         self.label_spaces = [torch.as_tensor(sorted(s), dtype=torch.int64) for s in label_spaces]
@@ -57,7 +60,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         image, boxes, labels = apply_transform(self.transform, image, rec.boxes, labels)
         tensor = to_tensor(image)
         target = {"boxes": torch.from_numpy(boxes).float(), "labels": torch.from_numpy(labels),
-                  "image_id": rec.id, "label_space": self.label_spaces[index]}
+                  "image_id": rec.id, "label_space": self.label_spaces[index],
+                  "replayed": index >= self.first_replayed}
         return tensor, target
 
 

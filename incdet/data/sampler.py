@@ -15,6 +15,20 @@ def check_replay_mode(mode: str) -> None:
         raise UserError(f"memory.replay_mode: {mode!r} is not one of {', '.join(REPLAY_MODES)}")
 
 
+def replay_counts(batch_size: int, fraction: float, mode: str, num_new: int = 1,
+                  num_memory: int = 1) -> tuple[int, int]:
+    """``(new, memory)`` images per batch (see :class:`MixedBatchSampler`)."""
+    check_replay_mode(mode)
+    k = int(round(fraction * batch_size)) if num_memory else 0
+    if num_memory and fraction > 0:
+        k = max(1, k)
+    if not num_new:
+        return 0, batch_size
+    if mode == "share":
+        k = min(k, batch_size - 1)
+    return (batch_size if mode == "add" else batch_size - k), k
+
+
 class MixedBatchSampler(torch.utils.data.Sampler):
     """Indices ``[0, num_new)`` are new images, ``[num_new, num_new + num_memory)`` memory images.
 
@@ -29,18 +43,10 @@ class MixedBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, num_new: int, num_memory: int, batch_size: int, fraction: float,
                  generator: torch.Generator, mode: str = "share"):
-        check_replay_mode(mode)
         self.num_new, self.num_memory = num_new, num_memory
         self.batch_size = batch_size
-        k = int(round(fraction * batch_size)) if num_memory else 0
-        if num_memory and fraction > 0:
-            k = max(1, k)
-        if not num_new:
-            k = batch_size
-        elif mode == "share":
-            k = min(k, batch_size - 1)
-        self.per_batch_memory = k
-        self.per_batch_new = batch_size if mode == "add" else batch_size - k
+        self.per_batch_new, self.per_batch_memory = replay_counts(batch_size, fraction, mode,
+                                                                  num_new, num_memory)
         self.generator = generator
         self._mem_order: list[int] = []
 
