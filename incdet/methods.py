@@ -17,7 +17,7 @@ from incdet import distributed as dist
 from incdet.checkpoint import load_model_state
 from incdet.classes import ClassSpace, StepClasses
 from incdet.data.sampler import replay_counts
-from incdet.errors import UserError
+from incdet.errors import UserError, check_choice
 from incdet.model.builder import build_model
 
 METHODS = ("incdet", "finetune", "joint")
@@ -87,9 +87,7 @@ def replay_weight(cfg: dict) -> float | None:
     images' loss, their number per batch over the new images' number, so that per image the two
     count about the same as when pooled."""
     mcfg = cfg["memory"]
-    if mcfg["replay_loss"] not in REPLAY_LOSSES:
-        raise UserError(f"memory.replay_loss: {mcfg['replay_loss']!r} is not one of "
-                        f"{', '.join(REPLAY_LOSSES)}")
+    check_choice("memory.replay_loss", mcfg["replay_loss"], REPLAY_LOSSES)
     if mcfg["replay_loss"] == "pooled":
         return None
     new, memory = replay_counts(int(cfg["train"]["batch_size"]) * dist.world_size(),

@@ -5,14 +5,13 @@ import math
 
 import torch
 
-from incdet.errors import UserError
+from incdet.errors import check_choice
 
 REPLAY_MODES = ("share", "add")
 
 
 def check_replay_mode(mode: str) -> None:
-    if mode not in REPLAY_MODES:
-        raise UserError(f"memory.replay_mode: {mode!r} is not one of {', '.join(REPLAY_MODES)}")
+    check_choice("memory.replay_mode", mode, REPLAY_MODES)
 
 
 def replay_counts(batch_size: int, fraction: float, mode: str, num_new: int = 1,
