@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from incdet.classes import ClassSpace, StepClasses
-from incdet.errors import UserError
+from incdet.errors import check_choice
 from incdet.losses import DetectionLoss
 
 ANCHOR_RULES = ("erd", "topk", "all")
@@ -38,8 +38,7 @@ def select_anchors(teacher_logits: torch.Tensor, rule: str = "erd", topk: int = 
     ``erd``: anchors whose max old-class score exceeds mean + ``std_factor`` * std of that
     image's max scores; ``topk``: the ``topk`` highest max scores per image; ``all``: every anchor.
     """
-    if rule not in ANCHOR_RULES:
-        raise UserError(f"incremental.anchors: {rule!r} is not one of {', '.join(ANCHOR_RULES)}")
+    check_choice("incremental.anchors", rule, ANCHOR_RULES)
     if rule == "all":
         return torch.ones(teacher_logits.shape[:2], dtype=torch.bool, device=teacher_logits.device)
     scores = teacher_logits.sigmoid().amax(dim=2)  # (N, HWA)
@@ -59,8 +58,7 @@ def cls_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """Distillation of (N, HWA, K_f) logits on the (N, HWA) anchors in ``mask``: summed over
     the K_f classes, averaged over the selected anchors (0 when no anchor is selected), so that
     a group's term does not shrink as the number of its classes grows."""
-    if form not in CLS_FORMS:
-        raise UserError(f"incremental.cls_distill: {form!r} is not one of {', '.join(CLS_FORMS)}")
+    check_choice("incremental.cls_distill", form, CLS_FORMS)
     s, t = student_logits[mask], teacher_logits[mask]  # (M, K_f)
     if s.numel() == 0:
         return student_logits.sum() * 0.0
@@ -77,8 +75,7 @@ def box_distillation(student_deltas: torch.Tensor, teacher_deltas: torch.Tensor,
                      mask: torch.Tensor, form: str = "l2") -> torch.Tensor:
     """Distillation of (N, HWA, 4) box deltas on the anchors in ``mask`` (summed over the four
     deltas, averaged over anchors)."""
-    if form not in BOX_FORMS:
-        raise UserError(f"incremental.box_distill: {form!r} is not one of {', '.join(BOX_FORMS)}")
+    check_choice("incremental.box_distill", form, BOX_FORMS)
     s, t = student_deltas[mask], teacher_deltas[mask]
     if form == "none" or s.numel() == 0:
         return student_deltas.sum() * 0.0
@@ -140,9 +137,7 @@ class DistillationCriterion:
         self.num_old = start
         for key, allowed in (("anchors", ANCHOR_RULES), ("cls_distill", CLS_FORMS),
                              ("box_distill", BOX_FORMS)):
-            if icfg[key] not in allowed:
-                raise UserError(f"incremental.{key}: {icfg[key]!r} is not one of "
-                                f"{', '.join(allowed)}")
+            check_choice(f"incremental.{key}", icfg[key], allowed)
 
     @torch.no_grad()
     def teacher_outputs(self, image_list) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from incdet.errors import UserError
+from incdet.errors import UserError, check_choice
 
 
 def seed_everything(seed: int) -> None:
@@ -58,16 +58,16 @@ def build_optimizer(model: torch.nn.Module, tcfg: dict) -> torch.optim.Optimizer
     # the fused kernels update every parameter in one call: a 4x faster AdamW step on CPU
     # (about 25 -> 6 ms per iteration for the CPU preset), the same arithmetic
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+    check_choice("train.optimizer", tcfg["optimizer"], ("sgd", "adamw"))
     if tcfg["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=tcfg["lr"], momentum=tcfg["momentum"], fused=fused)
-    if tcfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(groups, lr=tcfg["lr"], fused=fused)
-    raise UserError(f"train.optimizer: {tcfg['optimizer']!r} is not one of sgd, adamw")
+    return torch.optim.AdamW(groups, lr=tcfg["lr"], fused=fused)
 
 
 def lr_factor(it: int, total: int, tcfg: dict) -> float:
     """Learning-rate multiplier at iteration ``it`` of ``total``: linear warm-up from
     ``warmup_factor``, then cosine to 0 or steps of ``lr_gamma`` at fractions ``lr_steps``."""
+    check_choice("train.schedule", tcfg["schedule"], ("cosine", "step"))
     warm = min(int(tcfg["warmup_iters"]), max(total - 1, 0))
     if it < warm:
         alpha = it / warm
@@ -75,9 +75,7 @@ def lr_factor(it: int, total: int, tcfg: dict) -> float:
     if tcfg["schedule"] == "cosine":
         span = max(total - warm, 1)
         return 0.5 * (1 + math.cos(math.pi * min(it - warm, span) / span))
-    if tcfg["schedule"] == "step":
-        return tcfg["lr_gamma"] ** sum(it >= f * total for f in tcfg["lr_steps"])
-    raise UserError(f"train.schedule: {tcfg['schedule']!r} is not one of cosine, step")
+    return tcfg["lr_gamma"] ** sum(it >= f * total for f in tcfg["lr_steps"])
 
 
 def build_scheduler(optimizer, tcfg: dict, total: int):

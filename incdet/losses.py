@@ -13,6 +13,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from incdet.distributed import global_count
+from incdet.errors import check_choice
 
 BETWEEN_THRESHOLDS = det_utils.Matcher.BETWEEN_THRESHOLDS
 
@@ -100,9 +101,7 @@ class DetectionLoss:
     """
 
     def __init__(self, lcfg: dict, box_coder, matcher, replay_weight: float | None = None):
-        if lcfg["box"] not in ("giou", "l1", "smooth_l1"):
-            from incdet.errors import UserError
-            raise UserError(f"loss.box: {lcfg['box']!r} is not one of giou, l1, smooth_l1")
+        check_choice("loss.box", lcfg["box"], ("giou", "l1", "smooth_l1"))
         self.cfg = lcfg
         self.box_coder = box_coder
         self.matcher = matcher

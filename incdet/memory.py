@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from incdet.data.records import ImageRecord
-from incdet.errors import UserError
+from incdet.errors import UserError, check_choice
 
 RANKINGS = ("herding", "closest", "random")
 
@@ -139,8 +139,7 @@ def roi_features(model, records: Sequence[ImageRecord], batch_size: int, device,
 def rank_classes(feats: dict[tuple[int, int], torch.Tensor], class_ids: Sequence[int],
                  method: str, limit: int, seed: int = 0) -> dict[int, list[int]]:
     """Per class, image ids ranked by ``method`` (at most ``limit`` each)."""
-    if method not in RANKINGS:
-        raise UserError(f"memory.selection: {method!r} is not one of {', '.join(RANKINGS)}")
+    check_choice("memory.selection", method, RANKINGS)
     by_class: dict[int, list[tuple[int, torch.Tensor]]] = defaultdict(list)
     for (image_id, cid), v in sorted(feats.items()):
         by_class[cid].append((image_id, v))

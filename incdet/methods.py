@@ -41,8 +41,7 @@ def memory_enabled(cfg: dict) -> bool:
 
 def plan_step(method: str, classes: ClassSpace, sc: StepClasses, memory: bool = False) -> Plan:
     """``memory``: whether the exemplar memory is on (it serves ``incdet`` only)."""
-    if method not in METHODS:
-        raise UserError(f"incremental.method: {method!r} is not one of {', '.join(METHODS)}")
+    check_choice("incremental.method", method, METHODS)
     new_labels = tuple(classes.labels(sc.new))
     seen_labels = tuple(classes.labels(sc.seen))
     if sc.step == 0 or method == "joint":

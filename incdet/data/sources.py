@@ -10,7 +10,7 @@ from incdet.data import synthetic
 from incdet.data.coco import load_coco
 from incdet.data.records import ImageRecord
 from incdet.data.voc import load_voc
-from incdet.errors import UserError
+from incdet.errors import UserError, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +42,14 @@ def load_subset(dcfg: dict, subset: str) -> Subset:
     """``subset`` is ``train`` or ``val``."""
     root = Path(dcfg["root"])
     part = dcfg[subset]
+    check_choice("data.format", dcfg["format"], ("coco", "voc"))
     if dcfg["format"] == "coco":
         ann = root / part["annotations"]
         cats, records, _ = load_coco(ann, root / part["images"])
         source = str(ann)
-    elif dcfg["format"] == "voc":
+    else:
         cats, records, _ = load_voc(root, part["annotations"], part["images"])
         source = str(root / part["annotations"])
-    else:
-        raise UserError(f"data.format: {dcfg['format']!r} is not one of coco, voc")
     if subset == "val" and dcfg.get("val_max_images"):
         records = records[: int(dcfg["val_max_images"])]
     return Subset(cats, records, source)

@@ -22,7 +22,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from incdet.errors import UserError
+from incdet.errors import UserError, check_choice
 from incdet.model.heads import IncrementalHead, norm_layer_for
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
@@ -66,14 +66,12 @@ def _freeze(module: nn.Module, trainable: Sequence[str]) -> None:
 
 def build_backbone(mcfg: dict) -> BackboneWithFPN:
     name = mcfg["backbone"]
-    if name not in BACKBONES:
-        raise UserError(f"model.backbone: {name!r} is not one of {', '.join(BACKBONES)}")
+    check_choice("model.backbone", name, BACKBONES)
     state = resolve_weights(mcfg.get("weights"))
     norm = mcfg.get("norm", "auto")
     if norm == "auto":
         norm = "frozen" if state is not None else "batchnorm"
-    if norm not in ("batchnorm", "groupnorm", "frozen"):
-        raise UserError(f"model.norm: {norm!r} is not one of auto, batchnorm, groupnorm, frozen")
+    check_choice("model.norm", norm, ("auto", "batchnorm", "groupnorm", "frozen"))
     if norm == "frozen" and state is None:
         raise UserError("model.norm: 'frozen' needs pretrained model.weights; training from "
                         "scratch needs trainable normalisation (batchnorm or groupnorm)")
@@ -120,8 +118,7 @@ def build_backbone(mcfg: dict) -> BackboneWithFPN:
         in_channels = [features[i].out_channels for i in picks]
         return_layers = {str(i): str(j) for j, i in enumerate(picks)}
     fpn_norm = mcfg.get("fpn_norm", "none") or "none"
-    if fpn_norm not in ("none", "batchnorm", "groupnorm"):
-        raise UserError(f"model.fpn_norm: {fpn_norm!r} is not one of none, batchnorm, groupnorm")
+    check_choice("model.fpn_norm", fpn_norm, ("none", "batchnorm", "groupnorm"))
     return BackboneWithFPN(body, return_layers, in_channels, channels,
                            extra_blocks=LastLevelP6P7(channels, channels),
                            norm_layer=None if fpn_norm == "none" else norm_layer_for(fpn_norm))
