@@ -66,8 +66,8 @@ def build_optimizer(model: torch.nn.Module, tcfg: dict) -> torch.optim.Optimizer
 
 def lr_factor(it: int, total: int, tcfg: dict) -> float:
     """Learning-rate multiplier at iteration ``it`` of ``total``: linear warm-up from
-    ``warmup_factor``, then cosine to 0 or steps of ``lr_gamma`` at fractions ``lr_steps``."""
-    check_choice("train.schedule", tcfg["schedule"], ("cosine", "step"))
+    ``warmup_factor``, then cosine to 0 or steps of ``lr_gamma`` at fractions ``lr_steps``
+    (``train.schedule`` is checked once, by :func:`build_scheduler`)."""
     warm = min(int(tcfg["warmup_iters"]), max(total - 1, 0))
     if it < warm:
         alpha = it / warm
@@ -79,6 +79,7 @@ def lr_factor(it: int, total: int, tcfg: dict) -> float:
 
 
 def build_scheduler(optimizer, tcfg: dict, total: int):
+    check_choice("train.schedule", tcfg["schedule"], ("cosine", "step"))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, tcfg))
 
 
