@@ -22,7 +22,7 @@ from incdet import distributed as dist
 from incdet import methods
 from incdet.checkpoint import check_compatible, load_checkpoint, load_model_state, save_checkpoint
 from incdet.classes import ClassSpace
-from incdet.config import dump_config, strip_private, with_defaults
+from incdet.config import apply_override, dump_config, parse_override, strip_private, with_defaults
 from incdet.data.dataset import DetectionDataset, make_loader
 from incdet.data.records import filter_for_classes
 from incdet.data.sampler import MixedBatchSampler, check_replay_mode
@@ -409,11 +409,18 @@ def model_from_checkpoint(ckpt: dict, cfg: dict | None = None, source: str = "ch
 
 
 def evaluate_checkpoint(ckpt_path: str | Path, cfg: dict | None = None,
-                        progress: bool = True) -> tuple[dict, ClassSpace]:
+                        progress: bool = True,
+                        overrides: list[str] | None = None) -> tuple[dict, ClassSpace]:
     """Evaluate a step's checkpoint on the validation set of ``cfg`` (default: the config saved
-    in the checkpoint). Returns the evaluation (groups and per-class AP) and the class space."""
+    in the checkpoint, with ``overrides``, ``key=value`` items as ``--set`` takes them, applied
+    to it). Returns the evaluation (groups and per-class AP) and the class space."""
     ckpt = load_checkpoint(ckpt_path)
-    cfg = cfg or with_defaults(ckpt["config"])
+    if cfg is None:
+        cfg = with_defaults(ckpt["config"])
+        for item in overrides or []:
+            apply_override(cfg, *parse_override(item))
+    elif overrides:
+        raise ValueError("overrides apply to the checkpoint's config: pass them in cfg instead")
     _, val_set, classes = load_experiment(cfg, progress)
     t = int(ckpt["step"])
     check_compatible(ckpt, ckpt_path, list(classes.order), [list(s) for s in classes.steps], t)

@@ -83,6 +83,21 @@ def test_train_step_0_tool_matches_direct_pycocotools(tiny_config, tmp_path):
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("new"))
     assert line.split()[1] == f"{metrics['map']['new']['AP']:.3f}"
 
+    # without --config, --set changes the config saved in the checkpoint (it used to be ignored):
+    # no score passes a threshold above 1, so every AP is 0
+    assert metrics["map"]["new"]["AP"] > 0
+    out = tmp_path / "eval.json"
+    r = _tool("tools/evaluate.py", "--checkpoint", str(step_dir / "checkpoint.pt"), "--set",
+              "model.score_thresh=1.01", "--no-progress", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    evaluation = json.loads(out.read_text())
+    assert evaluation["groups"]["new"]["AP"] == 0.0
+    assert set(evaluation["per_class_ap"].values()) == {0.0}
+    r = _tool("tools/evaluate.py", "--checkpoint", str(step_dir / "checkpoint.pt"), "--set",
+              "model.score_tresh=0.3", "--no-progress")
+    assert r.returncode != 0
+    assert "unknown config key 'model.score_tresh'" in r.stderr
+
 
 def test_three_step_incdet_run(tiny_config, tmp_path):
     cfg = load_config(tiny_config)

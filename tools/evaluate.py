@@ -14,7 +14,9 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--config", help="YAML config (default: the one saved in the checkpoint)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE")
+                        metavar="KEY=VALUE",
+                        help="config override (of --config, else of the checkpoint's saved "
+                             "config), e.g. model.score_thresh=0.3")
     parser.add_argument("--json", help="also write the evaluation to this JSON file")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -25,8 +27,12 @@ def main(argv=None) -> int:
     from incdet.io import atomic_write_json
     from incdet.step import evaluate_checkpoint
 
-    cfg = load_config(args.config, args.overrides) if args.config else None
-    evaluation, classes = evaluate_checkpoint(args.checkpoint, cfg, not args.no_progress)
+    if args.config:
+        evaluation, classes = evaluate_checkpoint(
+            args.checkpoint, load_config(args.config, args.overrides), not args.no_progress)
+    else:  # --set changes the config saved in the checkpoint
+        evaluation, classes = evaluate_checkpoint(args.checkpoint, None, not args.no_progress,
+                                                  args.overrides)
     print(format_table(evaluation, classes.names))
     if args.json:
         atomic_write_json(args.json, evaluation)
