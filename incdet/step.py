@@ -51,26 +51,36 @@ def _seed_worker(worker_id: int) -> None:
 def train_loader(cfg: dict, classes: ClassSpace, records, label_space, memory: Memory | None,
                  seed: int):
     """The step's training loader: new images (label space of the step) and, with a memory,
-    replayed memory images (each with its own label space) mixed into every batch."""
+    replayed memory images (each with its own label space) mixed into every batch.
+
+    The replayed pool is the whole memory. A memory image that is also one of the step's new
+    images (it has new-class boxes too) is annotated for both label spaces and replayed from the
+    memory, not drawn a second time as a new image: were it left among the new images, only the
+    memory images *without* new-class boxes would be replayed, and on data where most images hold
+    both old and new classes, ``replay_fraction`` of every batch would go to a handful of images
+    (11 of a 99-image memory on the built-in 5+5 split). If every new image is in the memory,
+    they stay new images, annotated for both, and only the memory's other images are replayed.
+    """
     tcfg = cfg["train"]
-    stored = memory.records if memory is not None else {}
-    new_records, new_spaces = [], []
-    for rec in records:
-        if rec.id in stored:
-            # a memory image that also has new-class boxes is annotated for both label spaces
-            old = stored[rec.id]
-            rec = replace(rec, boxes=np.concatenate([rec.boxes, old.boxes]),
-                          category_ids=np.concatenate([rec.category_ids, old.category_ids]),
-                          iscrowd=np.zeros(len(rec.boxes) + len(old.boxes), bool), areas=None)
-            space = sorted(set(label_space) | set(classes.labels(memory.label_spaces[rec.id])))
-        else:
-            space = list(label_space)
-        new_records.append(rec)
-        new_spaces.append(space)
-    new_ids = {r.id for r in records}
-    mem_records = [rec for i, rec in sorted(stored.items()) if i not in new_ids]
-    mem_spaces = [classes.labels(memory.label_spaces[r.id]) for r in mem_records]
-    records = new_records
+    stored = dict(memory.records) if memory is not None else {}
+    spaces = {i: classes.labels(memory.label_spaces[i]) for i in stored}
+    in_memory = [rec for rec in records if rec.id in stored]
+    for rec in in_memory:
+        old = stored[rec.id]
+        stored[rec.id] = replace(rec, boxes=np.concatenate([rec.boxes, old.boxes]),
+                                 category_ids=np.concatenate([rec.category_ids, old.category_ids]),
+                                 iscrowd=np.zeros(len(rec.boxes) + len(old.boxes), bool),
+                                 areas=None)
+        spaces[rec.id] = sorted(set(label_space) | set(spaces[rec.id]))
+    if in_memory and len(in_memory) == len(records):
+        # every new image is in the memory: they stay the step's new images (annotated for both)
+        records = [stored.pop(rec.id) for rec in records]
+        new_spaces = [spaces[rec.id] for rec in records]
+    else:
+        records = [rec for rec in records if rec.id not in stored]
+        new_spaces = [list(label_space)] * len(records)
+    mem_records = [rec for _, rec in sorted(stored.items())]
+    mem_spaces = [spaces[r.id] for r in mem_records]
     dataset = DetectionDataset(records + mem_records, classes.label_of, new_spaces + mem_spaces,
                                build_train_transform(cfg["augment"]),
                                num_replayed=len(mem_records))

@@ -184,28 +184,42 @@ def test_memory_is_selected_within_budget_and_replayed_with_its_label_space(
     loader = train_loader(cfg, classes, new_records, space, memory, seed=1)
     ds = loader.dataset
     new_ids = {r.id for r in new_records}
-    assert {r.id for r in ds.records} == new_ids | set(memory.records)
-    replayed = [i for i, r in enumerate(ds.records) if r.id in memory.records]
-    assert len(replayed) == len(memory)
-    for i in replayed:
+    # every image once: a memory image that also has new-class boxes is not drawn twice
+    assert sorted(r.id for r in ds.records) == sorted(new_ids | set(memory.records))
+    assert not new_ids <= set(memory.records)
+    num_new = len(new_ids - set(memory.records))
+    assert ds.first_replayed == num_new  # the whole memory is the replayed pool
+    assert {r.id for r in ds.records[num_new:]} == set(memory.records)
+    assert any(i in new_ids for i in memory.records)  # the case the pool rule is about
+    for i in range(num_new, len(ds)):
         rec, space = ds.records[i], set(ds.label_spaces[i].tolist())
         old_space = set(classes.labels(memory.label_spaces[rec.id]))
         assert old_space <= {0, 1, 2, 3, 4}  # memory images are annotated for step-0 classes
-        if rec.id in new_ids:  # also a new image: annotated for both steps
+        assert ds[i][1]["replayed"] is True  # the loss tells them apart
+        if rec.id in new_ids:  # also a new image: annotated for both steps, with both boxes
             assert space == old_space | {5, 6, 7, 8, 9}
+            new_rec = next(r for r in new_records if r.id == rec.id)
+            assert len(rec.boxes) == len(new_rec.boxes) + len(memory.records[rec.id].boxes)
         else:  # memory only: its own label space; later classes are not background on it
             assert space == old_space
             assert set(rec.category_ids.tolist()) <= {1, 2, 4, 5, 7}
     for i, r in enumerate(ds.records):
         assert set(classes.labels(r.category_ids.tolist())) <= set(ds.label_spaces[i].tolist())
-    memory_only = sum(1 for r in ds.records if r.id not in new_ids)
-    if memory_only:  # every batch mixes in memory images, on top of a full batch of new ones
-        assert all(any(j >= len(new_records) for j in b) for b in loader.batch_sampler)
-        assert ds[len(ds) - 1][1]["replayed"] is True  # the loss tells them apart
-        bs = cfg["train"]["batch_size"]
-        assert all(sum(j < len(new_records) for j in b) == min(bs, len(new_records))
-                   for b in list(loader.batch_sampler)[:-1])
+    # every batch mixes in memory images, on top of a full batch of new ones
+    batches = list(loader.batch_sampler)
+    assert all(any(j >= num_new for j in b) for b in batches)
+    bs = cfg["train"]["batch_size"]
+    assert all(sum(j < num_new for j in b) == min(bs, num_new) for b in batches[:-1])
+    assert sorted(j for b in batches for j in b if j < num_new) == list(range(num_new))
     assert ds[0][1]["replayed"] is False
+    # when every new image is in the memory, they stay new images (annotated for both) and the
+    # memory's other images are replayed
+    sub = [r for r in new_records if r.id in memory.records]
+    ds = train_loader(cfg, classes, sub, space, memory, seed=1).dataset
+    assert [r.id for r in ds.records[:len(sub)]] == [r.id for r in sub]
+    assert ds.first_replayed == len(sub)
+    assert {r.id for r in ds.records[len(sub):]} == set(memory.records) - new_ids
+    assert all(set(ds.label_spaces[i].tolist()) >= {5, 6, 7, 8, 9} for i in range(len(sub)))
 
     m1 = run_step(cfg, 1, tmp_path, progress=False)
     assert m1["memory"]["replayed_from_previous"] == len(memory)
