@@ -196,6 +196,12 @@ def apply_override(cfg: dict, key: str, value: Any) -> None:
             node, ref = node.setdefault(part, {}), ref[part]
 
 
+def apply_overrides(cfg: dict, items: list[str] | None) -> None:
+    """Apply ``--set`` items (``"key=value"``) to ``cfg`` in order."""
+    for item in items or []:
+        apply_override(cfg, *parse_override(item))
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> dict:
     """Resolve a config: defaults <- ``_base_`` file <- the file <- overrides.
 
@@ -224,9 +230,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
                 layer = _merge(layer, {"data": {"root": str((layer_path.parent / root).resolve())}})
             cfg = _merge(cfg, layer)
         source = str(path)
-    for item in overrides or []:
-        key, value = parse_override(item)
-        apply_override(cfg, key, value)
+    apply_overrides(cfg, overrides)
     cfg["data"]["root"] = str(Path(cfg["data"]["root"]).resolve())
     cfg["_source"] = source
     return cfg

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from incdet.config import apply_override, parse_override
+from incdet.config import apply_overrides
 from incdet.methods import memory_enabled
 from incdet.step import load_experiment, run_step, write_memory
 
@@ -32,8 +32,7 @@ def variant_configs(cfg: dict, variants: dict[str, list[str]]) -> dict[str, dict
     out = {}
     for name, overrides in variants.items():
         vcfg = copy.deepcopy(cfg)
-        for item in overrides:
-            apply_override(vcfg, *parse_override(item))
+        apply_overrides(vcfg, overrides)
         out[name] = vcfg
     return out
 

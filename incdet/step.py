@@ -22,7 +22,7 @@ from incdet import distributed as dist
 from incdet import methods
 from incdet.checkpoint import check_compatible, load_checkpoint, load_model_state, save_checkpoint
 from incdet.classes import ClassSpace
-from incdet.config import apply_override, dump_config, parse_override, strip_private, with_defaults
+from incdet.config import apply_overrides, dump_config, strip_private, with_defaults
 from incdet.data.dataset import DetectionDataset, make_loader
 from incdet.data.records import filter_for_classes
 from incdet.data.sampler import MixedBatchSampler, check_replay_mode
@@ -427,8 +427,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, cfg: dict | None = None,
     ckpt = load_checkpoint(ckpt_path)
     if cfg is None:
         cfg = with_defaults(ckpt["config"])
-        for item in overrides or []:
-            apply_override(cfg, *parse_override(item))
+        apply_overrides(cfg, overrides)
     elif overrides:
         raise ValueError("overrides apply to the checkpoint's config: pass them in cfg instead")
     _, val_set, classes = load_experiment(cfg, progress)

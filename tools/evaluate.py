@@ -27,12 +27,10 @@ def main(argv=None) -> int:
     from incdet.io import atomic_write_json
     from incdet.step import evaluate_checkpoint
 
-    if args.config:
-        evaluation, classes = evaluate_checkpoint(
-            args.checkpoint, load_config(args.config, args.overrides), not args.no_progress)
-    else:  # --set changes the config saved in the checkpoint
-        evaluation, classes = evaluate_checkpoint(args.checkpoint, None, not args.no_progress,
-                                                  args.overrides)
+    # --set changes --config, or else the config saved in the checkpoint
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    evaluation, classes = evaluate_checkpoint(args.checkpoint, cfg, not args.no_progress,
+                                              None if args.config else args.overrides)
     print(format_table(evaluation, classes.names))
     if args.json:
         atomic_write_json(args.json, evaluation)
