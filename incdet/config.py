@@ -114,8 +114,10 @@ DEFAULTS: dict[str, Any] = {
         "budget": 100,  # images in total, shared equally among seen classes (0: no memory)
         "per_class": None,  # or images per class (then budget must be null)
         "selection": "herding",  # herding | closest | random
-        "replay_fraction": 0.25,  # memory images per batch, as a fraction of train.batch_size
-        "replay_mode": "share",  # share: they take batch places | add: they come on top
+        # memory images per batch, as a fraction of train.batch_size (0.125: 2 at batch 16)
+        "replay_fraction": 0.125,
+        # add: they come on top of a full batch of new images | share: they take batch places
+        "replay_mode": "add",
         # pooled: one loss normalisation for the whole batch | separate: new and memory images
         # each normalised by their own foreground anchors (the new classes' loss is not diluted)
         "replay_loss": "pooled",

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
                              "incdet_pseudo (incdet with teacher pseudo-labels), finetune, joint "
                              "(all but incdet_memory without memory); NAME@key=value@... adds "
                              "overrides to one variant, e.g. "
-                             "incdet_memory@memory.replay_fraction=0.125")
+                             "incdet_memory@memory.replay_mode=share")
     parser.add_argument("--joint-reference", metavar="METRICS_JSON",
                         help="without joint among --methods: take joint's AP from this finished "
                              "step-0 run on all classes with the same recipe and iterations "
