@@ -3,11 +3,13 @@
 A checkpoint records everything needed to rebuild and check the model of a step::
 
     {"format": "incdet", "version": 1, "step": t, "class_order": [ids], "steps": [[ids], ...],
-     "names": {"id": name}, "head_layout": [K_0, ..., K_t], "config": {...}, "model": state_dict,
-     "history": [metrics summary of steps <= t], "train_state": {...} or None}
+     "names": {"id": name}, "head_layout": [K_0, ..., K_t], "head_towers": [0, ..., b_t],
+     "config": {...}, "model": state_dict, "history": [metrics summary of steps <= t],
+     "train_state": {...} or None}
 
-``train_state`` (optimizer, scheduler, iteration, RNG states) is present only in the rolling
-``last.pt`` of an unfinished step, for ``--resume``.
+``head_towers`` is the classification tower of each step (absent in checkpoints written before
+``branch`` existed: all steps on tower 0). ``train_state`` (optimizer, scheduler, iteration, RNG
+states) is present only in the rolling ``last.pt`` of an unfinished step, for ``--resume``.
 """
 from __future__ import annotations
 

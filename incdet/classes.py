@@ -34,6 +34,34 @@ def parse_split_sizes(split: str) -> list[int]:
     return sizes
 
 
+def merge_categories(dataset: Sequence[dict], extra: Sequence[dict] | None,
+                     source: str) -> list[dict]:
+    """The dataset's categories (from ``source``) plus ``extra`` ones (the config's
+    ``categories``: an imported detector's classes), by id. An id in both must name the same
+    class; otherwise the new data would be trained as, and evaluated against, an old class."""
+    if not extra:
+        return list(dataset)
+    if not isinstance(extra, (list, tuple)) or not all(
+            isinstance(c, dict) and isinstance(c.get("id"), int) and "name" in c for c in extra):
+        raise UserError("categories: expected a list of {id: int, name: str} mappings")
+    names = {int(c["id"]): str(c["name"]) for c in dataset}
+    for c in extra:
+        cid, name = int(c["id"]), str(c["name"])
+        if cid in names and names[cid] != name:
+            raise UserError(f"{source}: category id {cid} is {names[cid]!r} there but {name!r} in "
+                            "the imported detector's classes (config key categories); give the "
+                            "new classes ids the imported detector does not use")
+    extra_ids = {int(c["id"]) for c in extra}
+    by_name = {str(c["name"]): int(c["id"]) for c in extra}
+    for cid, name in names.items():
+        if cid not in extra_ids and name in by_name:
+            raise UserError(f"{source}: class {name!r} has id {cid} there but id {by_name[name]} "
+                            "in the imported detector's classes (config key categories); use one "
+                            "id per class")
+    return list(dataset) + [{"id": int(c["id"]), "name": str(c["name"])} for c in extra
+                            if int(c["id"]) not in names]
+
+
 @dataclass(frozen=True)
 class StepClasses:
     """The classes of one step, as category ids, in class order."""

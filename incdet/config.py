@@ -33,19 +33,26 @@ DEFAULTS: dict[str, Any] = {
     },
     "split": "5+5",  # "40+40", "40+10x4", or a list of steps (lists of category ids or names)
     "class_order": None,  # null: ascending category id; or a list of ids / names
+    # classes the experiment knows besides the dataset's, [{id, name}, ...]: an imported
+    # detector's (tools/import_detector.py writes them); an id in both must have the same name
+    "categories": None,
     "model": {
         "backbone": "mobilenet_v3_large",  # resnet18 | resnet34 | resnet50 | mobilenet_v3_large
         "weights": None,  # null | torchvision weights name (local cache only) | path to a file
         "width_mult": 1.0,  # mobilenet_v3_large only: channel multiplier (from scratch)
         "reduced_tail": True,  # mobilenet_v3_large only: halve the channels of the last stage
         "trainable_layers": 5,  # backbone stages trained when weights are given (0-5)
-        # auto (frozen with weights, else batchnorm) | batchnorm | groupnorm | frozen
+        # auto (frozen with weights, else batchnorm) | batchnorm | groupnorm | frozen |
+        # frozen_eval (frozen, computed as BatchNorm2d in eval mode: imported BatchNorm detectors)
         "norm": "auto",
         "fpn_channels": 64,
         "fpn_norm": "none",  # none | batchnorm | groupnorm: normalisation after the FPN convs
         "head_convs": 2,
         "head_norm": "groupnorm",  # groupnorm | none
-        "anchor_sizes": [16, 32, 64, 128, 256],  # one base size per FPN level P3..P7
+        "p6_from": "p5",  # p5 (torchvision's v1) | c5 (torchvision's v2): input of P6-P7
+        # one entry per FPN level P3..P7: a base size (expanded to anchor_scales octave scales)
+        # or a list of sizes taken as they are (imported torchvision detectors)
+        "anchor_sizes": [16, 32, 64, 128, 256],
         "anchor_scales": 3,  # octave scales per level: size * 2**(i/n), i < n
         "aspect_ratios": [1.0],  # the built-in shapes are roughly square; COCO uses 0.5, 1, 2
         "fg_iou_thresh": 0.4,  # anchor-to-box IoU for a positive anchor
@@ -57,6 +64,11 @@ DEFAULTS: dict[str, Any] = {
         "detections_per_img": 100,
         "topk_candidates": 1000,
         "prior_probability": 0.01,
+        "image_mean": None,  # null: torchvision's ImageNet mean; or [r, g, b] in [0, 1]
+        "image_std": None,  # null: torchvision's ImageNet std
+        # auto (on for branch) | true | false: topk_candidates and detections_per_img apply to
+        # each step's classes on their own, so that added classes cannot push old detections out
+        "caps_per_step": "auto",
     },
     "augment": {
         "hflip": 0.5,  # probability
@@ -101,7 +113,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "eval": {"batch_size": 16},
     "incremental": {
-        "method": "incdet",  # incdet | finetune | joint
+        "method": "incdet",  # incdet | finetune | joint | branch
         "temperature": 2.0,  # distillation temperature T (sigmoid_kd)
         "cls_distill": "sigmoid_kd",  # sigmoid_kd | l2
         "box_distill": "l2",  # l2 | smooth_l1 | none

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from incdet.errors import UserError, check_choice
+from incdet.model.builder import keep_frozen_norms
 
 
 def seed_everything(seed: int) -> None:
@@ -146,6 +147,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
         skip = int(resume_position[1])
     while it < total_iters:
         model.train()
+        keep_frozen_norms(model)
         sums: dict[str, float] = {}
         n_batches, t_epoch, epoch_images = 0, time.perf_counter(), 0
         epoch_rng = shuffle_generator.get_state() if shuffle_generator is not None else None

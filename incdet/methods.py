@@ -6,6 +6,12 @@
 * ``finetune``: the same grown student, plain focal loss over every seen class (unlabelled old
   objects become background), no teacher: the lower bound.
 * ``joint``: a fresh model trained on every seen class's annotations: the upper bound.
+* ``branch``: the new classes get a classification tower of their own (a copy of the latest
+  tower) and a classifier; everything the earlier steps trained (backbone, FPN, box subnet,
+  earlier towers and classifiers, norm statistics) is frozen, so old-class logits are
+  bit-identical to the previous model's on every input. The focal loss is masked to the new
+  classes; no teacher, no memory, no old data. With ``model.caps_per_step`` (on by default for
+  ``branch``) old detections, and so old-class AP, stay exactly as they were.
 
 At step 0 all three train the same model on the step's classes.
 """
@@ -18,9 +24,9 @@ from incdet.checkpoint import load_model_state
 from incdet.classes import ClassSpace, StepClasses
 from incdet.data.sampler import replay_counts
 from incdet.errors import UserError, check_choice
-from incdet.model.builder import build_model
+from incdet.model.builder import build_model, caps_per_step, freeze_all_but, grow_model
 
-METHODS = ("incdet", "finetune", "joint")
+METHODS = ("incdet", "finetune", "joint", "branch")
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ def plan_step(method: str, classes: ClassSpace, sc: StepClasses, memory: bool = 
                     uses_memory=memory and method == "incdet")
     if method == "finetune":
         return Plan(sc.new, seen_labels, uses_previous=True, uses_teacher=False)
+    if method == "branch":
+        return Plan(sc.new, new_labels, uses_previous=True, uses_teacher=False)
     return Plan(sc.new, new_labels, uses_previous=True, uses_teacher=True, uses_memory=memory)
 
 
@@ -59,19 +67,30 @@ def build_student(cfg: dict, sc: StepClasses, plan: Plan, previous: dict | None,
     ``previous`` in errors."""
     layout = [len(g) for g in sc.groups]
     if not plan.uses_previous:
-        return build_model(cfg["model"], layout)
+        return build_model(cfg["model"], layout, per_step_caps=caps_per_step(cfg))
     if previous is None:
         raise UserError(f"step {sc.step}: the previous step's checkpoint is required")
-    model = build_model(cfg["model"], previous["head_layout"])
-    load_model_state(model, previous, cfg["model"], source)
-    model.head.classification_head.grow(len(sc.new))
+    model = model_of(cfg, previous, source)
+    branch = cfg["incremental"]["method"] == "branch"
+    grow_model(model, len(sc.new), new_tower=branch)
+    if branch:
+        head = model.head.classification_head
+        freeze_all_but(model, [head.towers()[-1], head.classifiers[-1]])
+    return model
+
+
+def model_of(cfg: dict, ckpt: dict, source: str = "checkpoint"):
+    """The model of a checkpoint (its head layout and towers) with its weights, built from
+    ``cfg``'s model settings; on CPU, in training mode."""
+    model = build_model(cfg["model"], ckpt["head_layout"], ckpt.get("head_towers"),
+                        per_step_caps=caps_per_step(cfg), from_checkpoint=True)
+    load_model_state(model, ckpt, cfg["model"], source)
     return model
 
 
 def build_teacher(cfg: dict, previous: dict, source: str = "previous checkpoint"):
     """The frozen previous model: ``eval()``, no gradients, not a submodule of the student."""
-    teacher = build_model(cfg["model"], previous["head_layout"])
-    load_model_state(teacher, previous, cfg["model"], source)
+    teacher = model_of(cfg, previous, source)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -21,7 +21,7 @@ import torch
 from incdet import distributed as dist
 from incdet import methods
 from incdet.checkpoint import check_compatible, load_checkpoint, load_model_state, save_checkpoint
-from incdet.classes import ClassSpace
+from incdet.classes import ClassSpace, merge_categories
 from incdet.config import apply_overrides, dump_config, strip_private, with_defaults
 from incdet.data.dataset import DetectionDataset, make_loader
 from incdet.data.records import filter_for_classes
@@ -33,7 +33,7 @@ from incdet.errors import UserError
 from incdet.evaluation import evaluate_model, format_table
 from incdet.io import atomic_write_json
 from incdet.memory import Memory, build_memory, rank_classes, roi_features
-from incdet.model.builder import head_layout
+from incdet.model.builder import head_layout, head_towers
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,9 @@ def load_experiment(cfg: dict, progress: bool = True):
     if [c["id"] for c in train_set.categories] != [c["id"] for c in val_set.categories]:
         raise UserError(f"{val_set.source}: its categories differ from {train_set.source}; both "
                         "subsets must share one category list")
-    classes = ClassSpace(train_set.categories, cfg["split"], cfg["class_order"])
+    categories = merge_categories(train_set.categories, cfg.get("categories"),
+                                  str(train_set.source))
+    classes = ClassSpace(categories, cfg["split"], cfg["class_order"])
     return train_set, val_set, classes
 
 
@@ -289,6 +291,7 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
         if position is None:
             position = (_shuffle_generator(loader).get_state(), 0)
         save_checkpoint(last_path, dict(base, head_layout=head_layout(student),
+                                        head_towers=head_towers(student),
                                         model=student.state_dict(), history=[],
                                         train_state={"optimizer": optimizer.state_dict(),
                                                      "scheduler": scheduler.state_dict(),
@@ -354,7 +357,8 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
         metrics["memory"] = {"images": len(new_memory),
                              "replayed_from_previous": 0 if memory is None else len(memory)}
     save_checkpoint(step_dir / "checkpoint.pt",
-                    dict(base, head_layout=head_layout(student), model=student.state_dict(),
+                    dict(base, head_layout=head_layout(student), head_towers=head_towers(student),
+                         model=student.state_dict(),
                          history=history, train_state=None))
     atomic_write_json(metrics_path, metrics)
     if last_path.exists():
@@ -410,12 +414,7 @@ def write_memory(cfg: dict, t: int, work_dir: str | Path, progress: bool = True)
 
 def model_from_checkpoint(ckpt: dict, cfg: dict | None = None, source: str = "checkpoint"):
     """Rebuild the model of a checkpoint (on CPU, in eval mode); ``source`` names it in errors."""
-    from incdet.model.builder import build_model
-
-    model_cfg = (cfg or with_defaults(ckpt["config"]))["model"]
-    model = build_model(model_cfg, ckpt["head_layout"])
-    load_model_state(model, ckpt, model_cfg, source)
-    return model.eval()
+    return methods.model_of(cfg or with_defaults(ckpt["config"]), ckpt, source).eval()
 
 
 def evaluate_checkpoint(ckpt_path: str | Path, cfg: dict | None = None,

@@ -42,8 +42,11 @@ def test_fused_optimizer_matches_the_per_parameter_one(name):
             opt.zero_grad()
             m(x).square().mean().backward()
             opt.step()
+    # the fused kernel rounds differently: AdamW's division by a near-zero second moment turns
+    # that into ~2e-6 on a few elements; a wrong update (e.g. weight decay dropped, 1.5e-4 per
+    # step here) is far above the tolerance
     for a, b in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # weight decay reaches the conv weight only (norm weights and biases are not decayed)
     assert fused.param_groups[1]["weight_decay"] == 0.0
 

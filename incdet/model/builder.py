@@ -5,6 +5,12 @@ Backbones: resnet18 / resnet34 / resnet50 (FPN on C3-C5, P6-P7 from P5) and mobi
 trainable BatchNorm: a ``FrozenBatchNorm2d`` with random statistics normalises nothing), a
 torchvision weights name such as ``ResNet50_Weights.IMAGENET1K_V1`` read from the local torch hub
 cache (nothing is downloaded), or a path to a backbone ``state_dict`` file.
+
+The same settings express torchvision's own RetinaNets (``retinanet_resnet50_fpn``: P6 from P5,
+head without norm; ``_v2``: P6 from C5, GroupNorm head; anchor sizes given per level as lists),
+so that a trained torchvision detector can be imported as step 0 (:mod:`incdet.model.importer`).
+With ``model.caps_per_step`` the model is an :class:`IncrementalRetinaNet`, whose
+``topk_candidates`` and ``detections_per_img`` apply to each step's classes separately.
 """
 from __future__ import annotations
 
@@ -16,8 +22,10 @@ from urllib.parse import urlparse
 
 import torch
 import torchvision
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
+from torchvision.models.detection import _utils as det_utils
+from torchvision.ops import boxes as box_ops
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -42,19 +50,33 @@ def resolve_weights(spec: str | None) -> dict | None:
         except (ValueError, KeyError, AttributeError):
             raise UserError(f"model.weights: {spec!r} is neither a file nor a torchvision weights "
                             "name such as 'ResNet50_Weights.IMAGENET1K_V1'") from None
-        name = os.path.basename(urlparse(weights.url).path)
-        path = Path(torch.hub.get_dir()) / "checkpoints" / name
-        if not path.is_file():
-            raise UserError(f"model.weights: {spec} is not in the local torch cache ({path}); "
-                            "incdet never downloads: copy the file there or set model.weights "
-                            "to a path")
+        path = cached_weights_file(weights, "model.weights", "set model.weights to a path")
+    return load_state_dict_file(path, "model.weights")
+
+
+def cached_weights_file(weights, key: str, alternative: str) -> Path:
+    """The local torch hub cache file of a torchvision weights enum; a :class:`UserError` (named
+    by ``key``, offering ``alternative``) when it is absent: incdet never downloads."""
+    name = os.path.basename(urlparse(weights.url).path)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if not path.is_file():
+        raise UserError(f"{key}: {weights} is not in the local torch cache ({path}); incdet "
+                        f"never downloads: copy the file there or {alternative}")
+    return path
+
+
+def load_state_dict_file(path: Path, key: str) -> dict:
+    """A data-only state dict from ``path`` (``{"model": state}`` files are unwrapped)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
-        raise UserError(f"model.weights: cannot load {path} as a data-only state dict ({e})") \
-            from None
+        raise UserError(f"{key}: cannot load {path} as a data-only state dict "
+                        f"({str(e).splitlines()[0]})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{key}: {path} is not a state dict (a mapping of names to tensors); "
+                        "save one with torch.save(model.state_dict(), path)")
     return state
 
 
@@ -64,20 +86,25 @@ def _freeze(module: nn.Module, trainable: Sequence[str]) -> None:
             param.requires_grad_(False)
 
 
-def build_backbone(mcfg: dict) -> BackboneWithFPN:
+def build_backbone(mcfg: dict, from_checkpoint: bool = False) -> BackboneWithFPN:
+    """``from_checkpoint``: the caller loads trained weights into the model (a later step, an
+    imported detector), so a frozen norm needs no ``model.weights``."""
     name = mcfg["backbone"]
     check_choice("model.backbone", name, BACKBONES)
     state = resolve_weights(mcfg.get("weights"))
     norm = mcfg.get("norm", "auto")
     if norm == "auto":
         norm = "frozen" if state is not None else "batchnorm"
-    check_choice("model.norm", norm, ("auto", "batchnorm", "groupnorm", "frozen"))
-    if norm == "frozen" and state is None:
+    check_choice("model.norm", norm, ("auto", "batchnorm", "groupnorm", "frozen", "frozen_eval"))
+    if norm in ("frozen", "frozen_eval") and state is None and not from_checkpoint:
         raise UserError("model.norm: 'frozen' needs pretrained model.weights; training from "
                         "scratch needs trainable normalisation (batchnorm or groupnorm)")
     norm_layer = norm_layer_for(norm)
     channels = int(mcfg["fpn_channels"])
-    trainable_layers = int(mcfg.get("trainable_layers", 5)) if state is not None else 5
+    # a backbone that was trained before (weights, or an imported detector: frozen norm) keeps
+    # its first stages frozen as torchvision does; from scratch, everything trains
+    pretrained = state is not None or norm in ("frozen", "frozen_eval")
+    trainable_layers = int(mcfg.get("trainable_layers", 5)) if pretrained else 5
     if name.startswith("resnet"):
         body = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
         if state is not None:
@@ -106,7 +133,7 @@ def build_backbone(mcfg: dict) -> BackboneWithFPN:
             + [len(features) - 1]
         # torchvision's semantics: the last `trainable_layers` stages train (all from scratch)
         freeze_before = stage_indices[len(stage_indices) - trainable_layers] \
-            if state is not None and trainable_layers < len(stage_indices) else 0
+            if pretrained and trainable_layers < len(stage_indices) else 0
         for b in features[:freeze_before]:
             for p in b.parameters():
                 p.requires_grad_(False)
@@ -119,41 +146,159 @@ def build_backbone(mcfg: dict) -> BackboneWithFPN:
         return_layers = {str(i): str(j) for j, i in enumerate(picks)}
     fpn_norm = mcfg.get("fpn_norm", "none") or "none"
     check_choice("model.fpn_norm", fpn_norm, ("none", "batchnorm", "groupnorm"))
-    return BackboneWithFPN(body, return_layers, in_channels, channels,
-                           extra_blocks=LastLevelP6P7(channels, channels),
+    p6_from = mcfg.get("p6_from", "p5")
+    check_choice("model.p6_from", p6_from, ("p5", "c5"))
+    # LastLevelP6P7 takes P5 when its input width equals the FPN's, else the last backbone map
+    extra = LastLevelP6P7(channels if p6_from == "p5" else in_channels[-1], channels)
+    if p6_from == "c5" and in_channels[-1] == channels:
+        raise UserError(f"model.p6_from: 'c5' needs a last backbone stage wider than the FPN "
+                        f"({in_channels[-1]} = model.fpn_channels); use 'p5'")
+    return BackboneWithFPN(body, return_layers, in_channels, channels, extra_blocks=extra,
                            norm_layer=None if fpn_norm == "none" else norm_layer_for(fpn_norm))
 
 
 def build_anchor_generator(mcfg: dict, num_levels: int) -> AnchorGenerator:
+    """One entry of ``model.anchor_sizes`` per level: a base size, expanded to
+    ``model.anchor_scales`` octave scales, or a list of sizes taken as they are."""
     sizes = list(mcfg["anchor_sizes"])
     if len(sizes) != num_levels:
         raise UserError(f"model.anchor_sizes: {len(sizes)} sizes given, but the "
                         f"{mcfg['backbone']} FPN has {num_levels} levels; give one size per level")
     n = int(mcfg["anchor_scales"])
-    per_level = tuple(tuple(float(s) * 2 ** (i / n) for i in range(n)) for s in sizes)
+    per_level = tuple(tuple(float(v) for v in s) if isinstance(s, (list, tuple))
+                      else tuple(float(s) * 2 ** (i / n) for i in range(n)) for s in sizes)
+    if len({len(s) for s in per_level}) != 1:
+        raise UserError(f"model.anchor_sizes: {sizes} gives levels different numbers of sizes; "
+                        "the head needs the same number of anchors on every level")
     ratios = (tuple(float(r) for r in mcfg["aspect_ratios"]),) * len(sizes)
     return AnchorGenerator(per_level, ratios)
 
 
-def build_model(mcfg: dict, classes_per_step: Sequence[int]) -> RetinaNet:
-    """A RetinaNet predicting ``sum(classes_per_step)`` classes, head laid out per step."""
-    backbone = build_backbone(mcfg)
+class IncrementalRetinaNet(RetinaNet):
+    """A torchvision ``RetinaNet`` whose post-processing caps apply per step group.
+
+    torchvision keeps the ``topk_candidates`` best scores per level and the
+    ``detections_per_img`` best detections over all classes, so adding classes can push an old
+    class's detection out. Here both caps apply to each group of ``class_groups`` (label ranges,
+    one per step) on its own, exactly as torchvision applies them to a model of that group's
+    classes alone: a group's detections do not depend on the other groups' logits. An image
+    returns up to ``len(class_groups) * detections_per_img`` detections.
+    """
+
+    class_groups: list[int]
+
+    def postprocess_detections(self, head_outputs: dict[str, list[Tensor]],
+                               anchors: list[list[Tensor]],
+                               image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        class_logits = head_outputs["cls_logits"]  # per level (N, HWA_l, K)
+        box_regression = head_outputs["bbox_regression"]  # per level (N, HWA_l, 4)
+        detections: list[dict[str, Tensor]] = []
+        for index in range(len(image_shapes)):
+            boxes_all, scores_all, labels_all = [], [], []
+            start = 0
+            for size in self.class_groups:
+                boxes, scores, labels = self._detect_group(
+                    [cl[index, :, start:start + size] for cl in class_logits],
+                    [br[index] for br in box_regression], anchors[index], image_shapes[index])
+                boxes_all.append(boxes)
+                scores_all.append(scores)
+                labels_all.append(labels + start)
+                start += size
+            detections.append({"boxes": torch.cat(boxes_all), "scores": torch.cat(scores_all),
+                               "labels": torch.cat(labels_all)})
+        return detections
+
+    def _detect_group(self, logits: list[Tensor], regression: list[Tensor],
+                      anchors: list[Tensor], image_shape: tuple[int, int]
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """Score threshold, top-k per level, decoding, class-wise NMS and the per-image cap for
+        the logits of one group (per level (HWA_l, K_g)); labels within the group."""
+        boxes_l, scores_l, labels_l = [], [], []
+        for logits_l, regression_l, anchors_l in zip(logits, regression, anchors):
+            k = logits_l.shape[-1]
+            scores = torch.sigmoid(logits_l).flatten()
+            candidates = torch.where(scores > self.score_thresh)[0]
+            scores = scores[candidates]
+            scores, order = scores.topk(det_utils._topk_min(candidates, self.topk_candidates, 0))
+            candidates = candidates[order]
+            anchor_idx = torch.div(candidates, k, rounding_mode="floor")
+            boxes = self.box_coder.decode_single(regression_l[anchor_idx], anchors_l[anchor_idx])
+            boxes_l.append(box_ops.clip_boxes_to_image(boxes, image_shape))
+            scores_l.append(scores)
+            labels_l.append(candidates % k)
+        boxes, scores, labels = torch.cat(boxes_l), torch.cat(scores_l), torch.cat(labels_l)
+        keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[:self.detections_per_img]
+        return boxes[keep], scores[keep], labels[keep]
+
+
+def caps_per_step(cfg: dict) -> bool:
+    """``model.caps_per_step`` resolved: ``auto`` is on for ``branch`` (so that a ``branch`` step
+    leaves every old detection as it was) and off otherwise."""
+    value = cfg["model"].get("caps_per_step", "auto")
+    check_choice("model.caps_per_step", value, ("auto", True, False))
+    if value == "auto":
+        return cfg["incremental"]["method"] == "branch"
+    return bool(value)
+
+
+def build_model(mcfg: dict, classes_per_step: Sequence[int], towers: Sequence[int] | None = None,
+                per_step_caps: bool = False, from_checkpoint: bool = False) -> RetinaNet:
+    """A RetinaNet predicting ``sum(classes_per_step)`` classes, head laid out per step.
+
+    ``towers``: the classification tower of each step (``branch`` steps have their own);
+    ``per_step_caps``: an :class:`IncrementalRetinaNet`; ``from_checkpoint``: the caller loads
+    trained weights (see :func:`build_backbone`)."""
+    backbone = build_backbone(mcfg, from_checkpoint)
     num_levels = 5  # P3-P5 from the backbone, P6-P7 on top
     anchors = build_anchor_generator(mcfg, num_levels)
     head = IncrementalHead(backbone.out_channels, anchors.num_anchors_per_location()[0],
                            classes_per_step, num_convs=int(mcfg["head_convs"]),
-                           norm=mcfg["head_norm"], prior_probability=mcfg["prior_probability"])
-    model = RetinaNet(backbone, num_classes=sum(classes_per_step), min_size=mcfg["min_size"],
-                      max_size=mcfg["max_size"], anchor_generator=anchors, head=head,
-                      score_thresh=mcfg["score_thresh"], nms_thresh=mcfg["nms_thresh"],
-                      detections_per_img=mcfg["detections_per_img"],
-                      topk_candidates=mcfg["topk_candidates"],
-                      fg_iou_thresh=mcfg["fg_iou_thresh"], bg_iou_thresh=mcfg["bg_iou_thresh"])
+                           norm=mcfg["head_norm"], prior_probability=mcfg["prior_probability"],
+                           towers=towers)
+    cls = IncrementalRetinaNet if per_step_caps else RetinaNet
+    normalise = {k: mcfg[k] for k in ("image_mean", "image_std") if mcfg.get(k) is not None}
+    model = cls(backbone, num_classes=sum(classes_per_step), min_size=mcfg["min_size"],
+                max_size=mcfg["max_size"], anchor_generator=anchors, head=head,
+                score_thresh=mcfg["score_thresh"], nms_thresh=mcfg["nms_thresh"],
+                detections_per_img=mcfg["detections_per_img"],
+                topk_candidates=mcfg["topk_candidates"],
+                fg_iou_thresh=mcfg["fg_iou_thresh"], bg_iou_thresh=mcfg["bg_iou_thresh"],
+                **normalise)
+    if per_step_caps:
+        model.class_groups = list(classes_per_step)
     return model
+
+
+def grow_model(model: RetinaNet, num_new: int, new_tower: bool = False) -> None:
+    """Add ``num_new`` classes to the head (``new_tower``: on a tower of their own)."""
+    model.head.classification_head.grow(num_new, new_tower)
+    if isinstance(model, IncrementalRetinaNet):
+        model.class_groups = head_layout(model)
+
+
+def freeze_all_but(model: RetinaNet, trainable: Sequence[nn.Module]) -> None:
+    """Only the parameters of ``trainable`` keep ``requires_grad``; norm layers left without a
+    trainable parameter keep their statistics (:func:`keep_frozen_norms`)."""
+    keep = {id(p) for m in trainable for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def keep_frozen_norms(model: nn.Module) -> None:
+    """Put batch norms whose parameters are all frozen in eval mode (call after ``train()``):
+    frozen layers must not move their running statistics either."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and \
+                not any(p.requires_grad for p in m.parameters(recurse=False)):
+            m.eval()
 
 
 def head_layout(model: RetinaNet) -> list[int]:
     return list(model.head.classification_head.classes_per_step)
+
+
+def head_towers(model: RetinaNet) -> list[int]:
+    return list(model.head.classification_head.tower_of_step)
 
 
 def forward_train(model: RetinaNet, images: list[torch.Tensor], targets: list[dict] | None):

@@ -1,7 +1,9 @@
 """RetinaNet heads whose classification subnet grows by one classifier conv per incremental step.
 
 ``IncrementalClassificationHead.classifiers[s]`` is the 3x3 conv of step ``s`` with
-``A * K_s`` output channels. Its outputs are interleaved per anchor into torchvision's anchor-major
+``A * K_s`` output channels. It reads the output of one conv tower: ``conv`` (tower 0, shared by
+every step that does not branch) or ``branches[b - 1]`` (tower ``b``, added by a ``branch`` step as
+a copy of the latest tower); ``tower_of_step[s]`` says which. Its outputs are interleaved per anchor into torchvision's anchor-major
 layout (channel ``anchor * K + class``), so the head is a drop-in for
 ``torchvision.models.detection.retinanet.RetinaNetClassificationHead``: ``forward`` returns
 (N, HWA, K) logits. Adding a step appends one conv and leaves earlier convs untouched, so the
@@ -10,11 +12,13 @@ because the convolution algorithm depends on the channel count).
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 
 def _tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
@@ -39,46 +43,74 @@ def _classifier(channels: int, num_anchors: int, num_classes: int, prior: float)
     return conv
 
 
+def check_towers(towers: Sequence[int], num_steps: int) -> list[int]:
+    """``towers[s]``: the tower of step ``s``. Step 0 uses tower 0 and each step uses the latest
+    tower or starts the next one."""
+    towers = [int(b) for b in towers]
+    ok = len(towers) == num_steps and (not towers or towers[0] == 0) and \
+        all(b - a in (0, 1) for a, b in zip(towers, towers[1:]))
+    if not ok:
+        raise ValueError(f"head towers {towers} do not fit {num_steps} steps: step 0 uses tower 0 "
+                         "and each later step the latest tower or the next one")
+    return towers
+
+
 class IncrementalClassificationHead(nn.Module):
-    """Shared conv tower, then one classifier conv per step.
+    """Conv towers, then one classifier conv per step.
 
     Args:
         classes_per_step: ``[K_0, K_1, ...]``; the head predicts ``K = sum`` classes.
+        towers: the tower of each step (default: all steps share tower 0).
     """
 
     def __init__(self, in_channels: int, num_anchors: int, classes_per_step: Sequence[int],
-                 num_convs: int = 4, norm: str = "groupnorm", prior_probability: float = 0.01):
+                 num_convs: int = 4, norm: str = "groupnorm", prior_probability: float = 0.01,
+                 towers: Sequence[int] | None = None):
         super().__init__()
         self.in_channels = in_channels
         self.num_anchors = num_anchors
         self.prior_probability = prior_probability
         self.conv = _tower(in_channels, num_convs, norm)
+        self.branches = nn.ModuleList()
         self.classifiers = nn.ModuleList()
         self.classes_per_step: list[int] = []
-        for k in classes_per_step:
-            self.grow(k)
+        self.tower_of_step: list[int] = []
+        towers = check_towers(towers if towers is not None else [0] * len(classes_per_step),
+                              len(classes_per_step))
+        for k, b in zip(classes_per_step, towers):
+            self.grow(k, new_tower=b > len(self.branches))
 
     @property
     def num_classes(self) -> int:
         return sum(self.classes_per_step)
 
-    def grow(self, num_new: int) -> None:
-        """Add a classifier for ``num_new`` classes; their label indices follow the old ones."""
+    def towers(self) -> list[nn.Module]:
+        return [self.conv, *self.branches]
+
+    def grow(self, num_new: int, new_tower: bool = False) -> None:
+        """Add a classifier for ``num_new`` classes; their label indices follow the old ones.
+        ``new_tower``: it reads a new tower, a copy of the latest one (``branch``)."""
         if num_new <= 0:
             raise ValueError("a step must add at least one class")
+        if new_tower:
+            self.branches.append(copy.deepcopy(self.towers()[-1]))
         ref = next(self.conv.parameters(), None)
         conv = _classifier(self.in_channels, self.num_anchors, num_new, self.prior_probability)
         if ref is not None:
             conv = conv.to(ref.device)
         self.classifiers.append(conv)
         self.classes_per_step.append(num_new)
+        self.tower_of_step.append(len(self.branches))
 
     def forward_level(self, features: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, HWA, K)."""
-        t = self.conv(features)
-        n, _, h, w = t.shape
-        per_step = [clf(t).view(n, self.num_anchors, k, h, w)
-                    for clf, k in zip(self.classifiers, self.classes_per_step)]
+        towers = self.towers()
+        # each tower runs once; a step's classifier reads its own tower's output
+        outs = [towers[0](features)] + [tower(features) for tower in towers[1:]]
+        n, _, h, w = outs[0].shape
+        per_step = [clf(outs[b]).view(n, self.num_anchors, k, h, w)
+                    for clf, k, b in zip(self.classifiers, self.classes_per_step,
+                                         self.tower_of_step)]
         logits = per_step[0] if len(per_step) == 1 else torch.cat(per_step, dim=2)  # (N,A,K,H,W)
         return logits.permute(0, 3, 4, 1, 2).reshape(n, -1, self.num_classes)
 
@@ -111,10 +143,11 @@ class IncrementalHead(nn.Module):
     "bbox_regression": (N, HWA, 4)}``. Losses live in :mod:`incdet.losses`, not here."""
 
     def __init__(self, in_channels: int, num_anchors: int, classes_per_step: Sequence[int],
-                 num_convs: int = 4, norm: str = "groupnorm", prior_probability: float = 0.01):
+                 num_convs: int = 4, norm: str = "groupnorm", prior_probability: float = 0.01,
+                 towers: Sequence[int] | None = None):
         super().__init__()
         self.classification_head = IncrementalClassificationHead(
-            in_channels, num_anchors, classes_per_step, num_convs, norm, prior_probability)
+            in_channels, num_anchors, classes_per_step, num_convs, norm, prior_probability, towers)
         self.regression_head = RegressionHead(in_channels, num_anchors, num_convs, norm)
 
     def forward(self, x: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -132,7 +165,17 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 def norm_layer_for(name: str) -> Callable[[int], nn.Module]:
-    from torchvision.ops import FrozenBatchNorm2d
-
     return {"batchnorm": nn.BatchNorm2d, "frozen": FrozenBatchNorm2d,
-            "groupnorm": group_norm}[name]
+            "frozen_eval": EvalBatchNorm2d, "groupnorm": group_norm}[name]
+
+
+class EvalBatchNorm2d(FrozenBatchNorm2d):
+    """A ``FrozenBatchNorm2d`` (same parameters and buffers) that computes exactly as
+    ``nn.BatchNorm2d`` does in eval mode. ``FrozenBatchNorm2d`` folds the statistics into one
+    scale and shift, which rounds differently (about 1e-4 px on the boxes of a ResNet-50
+    detector); a detector trained with ``BatchNorm2d`` (torchvision's ``_v2``) keeps its exact
+    outputs with this one (``model.norm: frozen_eval``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                        self.bias, False, 0.0, self.eps)
