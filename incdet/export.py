@@ -3,7 +3,9 @@
 * :func:`to_torchvision` fuses the per-step classifier convs of a grown head into the single
   ``cls_logits`` conv of torchvision's ``RetinaNetClassificationHead`` (weights copied into the
   anchor-major channel layout ``anchor * K + class``), so a grown model is a stock torchvision
-  RetinaNet and costs nothing extra at inference.
+  RetinaNet and costs nothing extra at inference. A model with ``branch`` steps has several
+  classification towers: its head is a :class:`BranchedClassificationHead` (a subclass of
+  torchvision's), one fused classifier per tower.
 * :func:`load_detector` rebuilds that model from an incdet checkpoint with its class metadata
   attached (``model.incdet_meta``); :class:`Detector` wraps it for ``predict(image or path)``.
 * :func:`export` writes ``F`` (TorchScript or ONNX) and ``F.json`` (metadata). The exported
@@ -43,16 +45,17 @@ INPUT = {"layout": "CHW", "channels": "RGB", "dtype": "float32", "range": [0.0, 
 OUTPUTS = ["boxes (R, 4) xyxy in input pixels", "scores (R,)", "category_ids (R,) int64"]
 
 
-def fuse_classifiers(head) -> nn.Conv2d:
-    """One conv equal to the per-step classifiers of an ``IncrementalClassificationHead``."""
-    a, ks = head.num_anchors, list(head.classes_per_step)
-    k = sum(ks)
-    first = head.classifiers[0]
+def fuse_classifiers(classifiers: Sequence[nn.Conv2d], sizes: Sequence[int],
+                     num_anchors: int) -> nn.Conv2d:
+    """One conv equal to per-step classifier convs (``sizes[s]`` classes each) that read the same
+    tower, in torchvision's anchor-major channel layout."""
+    a, k = num_anchors, sum(sizes)
+    first = classifiers[0]
     fused = nn.Conv2d(first.in_channels, a * k, first.kernel_size, padding=first.padding)
     fused = fused.to(first.weight.device, first.weight.dtype)
     with torch.no_grad():
         off = 0
-        for clf, ks_ in zip(head.classifiers, ks):
+        for clf, ks_ in zip(classifiers, sizes):
             w = clf.weight.view(a, ks_, *clf.weight.shape[1:])
             b = clf.bias.view(a, ks_)
             fused.weight.view(a, k, *w.shape[2:])[:, off:off + ks_] = w
@@ -61,21 +64,105 @@ def fuse_classifiers(head) -> nn.Conv2d:
     return fused
 
 
+class TowerClassifier(nn.Module):
+    """One classification tower and the fused classifier of the steps that read it."""
+
+    def __init__(self, conv: nn.Module, cls_logits: nn.Conv2d, num_anchors: int,
+                 num_classes: int):
+        super().__init__()
+        self.conv = conv
+        self.cls_logits = cls_logits
+        self.num_anchors = num_anchors
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, A, K_tower, H, W)."""
+        out = self.cls_logits(self.conv(x))
+        n, _, h, w = out.shape
+        return out.view(n, self.num_anchors, self.num_classes, h, w)
+
+
+class BranchedClassificationHead(RetinaNetClassificationHead):
+    """torchvision's ``RetinaNetClassificationHead`` with several conv towers (a model with
+    ``branch`` steps): ``towers[b]`` is a :class:`TowerClassifier`; the logits of the towers are
+    concatenated in class order into the same (N, HWA, K) output. What differs from the stock
+    head: ``conv`` and ``cls_logits`` are replaced by ``towers`` (so its state dict has other
+    keys); ``forward`` and the inherited ``compute_loss`` take and return the same things."""
+
+    def __init__(self, towers: Sequence[TowerClassifier], num_anchors: int):
+        num_classes = sum(t.num_classes for t in towers)
+        first = towers[0].cls_logits
+        super().__init__(first.in_channels, num_anchors, num_classes)
+        del self.conv, self.cls_logits
+        self.towers = nn.ModuleList(towers)
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        levels = []
+        for features in x:
+            per_tower = [tower(features) for tower in self.towers]
+            logits = torch.cat(per_tower, dim=2)  # (N, A, K, H, W)
+            n, a, k, h, w = logits.shape
+            levels.append(logits.permute(0, 3, 4, 1, 2).reshape(n, -1, k))
+        return torch.cat(levels, dim=1)
+
+
+def torchvision_tower(flat: nn.Sequential) -> nn.Sequential:
+    """incdet's flat conv tower (conv, [norm,] ReLU, ...) as torchvision builds it: one
+    ``Conv2dNormActivation`` per conv, the same modules inside (state-dict keys ``<i>.0.weight``,
+    ``<i>.1.weight``: a torchvision RetinaNet's)."""
+    from torchvision.ops.misc import Conv2dNormActivation
+
+    blocks, current = [], []
+    for layer in flat:
+        current.append(layer)
+        if isinstance(layer, nn.ReLU):
+            blocks.append(current)
+            current = []
+    out = []
+    for layers in blocks:
+        conv, *norm, relu = layers
+        block = Conv2dNormActivation(conv.in_channels, conv.out_channels,
+                                     norm_layer=(lambda c: nn.GroupNorm(1, c)) if norm else None)
+        block[0] = conv
+        if norm:
+            block[1] = norm[0]
+        out.append(block)
+    return nn.Sequential(*out)
+
+
+def torchvision_classification_head(head) -> RetinaNetClassificationHead:
+    """torchvision's head equal to an ``IncrementalClassificationHead``: the stock one (per-step
+    classifiers fused) when every step shares one tower, else a
+    :class:`BranchedClassificationHead`."""
+    a = head.num_anchors
+    towers = []
+    for b, tower in enumerate(head.towers()):
+        steps = [s for s, tb in enumerate(head.tower_of_step) if tb == b]
+        sizes = [head.classes_per_step[s] for s in steps]
+        towers.append(TowerClassifier(torchvision_tower(tower), fuse_classifiers(
+            [head.classifiers[s] for s in steps], sizes, a), a, sum(sizes)))
+    if len(towers) > 1:
+        return BranchedClassificationHead(towers, a)
+    cls = RetinaNetClassificationHead(head.in_channels, a, head.num_classes)
+    cls.conv = towers[0].conv
+    cls.cls_logits = towers[0].cls_logits
+    return cls
+
+
 def to_torchvision(model: RetinaNet) -> RetinaNet:
     """A copy of ``model`` whose head is torchvision's ``RetinaNetHead`` (per-step classifiers
-    fused); outputs are identical up to float rounding."""
+    fused; a model with ``branch`` steps gets a :class:`BranchedClassificationHead`); outputs
+    are identical up to float rounding. A model with per-step caps stays an
+    :class:`~incdet.model.builder.IncrementalRetinaNet` (a ``RetinaNet`` subclass whose
+    post-processing applies the caps per step group)."""
     model = copy.deepcopy(model)
     inc = model.head
     cls_src, reg_src = inc.classification_head, inc.regression_head
-    channels, anchors = cls_src.in_channels, cls_src.num_anchors
-    head = RetinaNetHead(channels, anchors, cls_src.num_classes)
-    cls = head.classification_head
-    assert isinstance(cls, RetinaNetClassificationHead)
-    cls.conv = cls_src.conv
-    cls.cls_logits = fuse_classifiers(cls_src)
+    head = RetinaNetHead(cls_src.in_channels, cls_src.num_anchors, cls_src.num_classes)
+    head.classification_head = torchvision_classification_head(cls_src)
     reg = head.regression_head
     assert isinstance(reg, RetinaNetRegressionHead)
-    reg.conv = reg_src.conv
+    reg.conv = torchvision_tower(reg_src.conv)
     reg.bbox_reg = reg_src.bbox_reg
     model.head = head.to(next(model.parameters()).device)
     return model.eval()

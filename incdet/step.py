@@ -168,7 +168,12 @@ def load_experiment(cfg: dict, progress: bool = True):
                         "subsets must share one category list")
     categories = merge_categories(train_set.categories, cfg.get("categories"),
                                   str(train_set.source))
-    classes = ClassSpace(categories, cfg["split"], cfg["class_order"])
+    order = cfg["class_order"]
+    if order is None and cfg.get("categories") and not isinstance(cfg["split"], list):
+        # an imported detector's classes come first, in its own order; then the others
+        imported = [int(c["id"]) for c in cfg["categories"]]
+        order = imported + sorted({int(c["id"]) for c in categories} - set(imported))
+    classes = ClassSpace(categories, cfg["split"], order)
     return train_set, val_set, classes
 
 

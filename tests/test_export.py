@@ -62,7 +62,7 @@ def test_fused_head_equals_the_per_step_head():
         torch.nn.init.normal_(clf.bias)
     x = torch.randn(2, 16, 5, 7)
     t = head.conv(x)
-    fused = fuse_classifiers(head)(t)  # (N, A*K, H, W), torchvision's layout
+    fused = fuse_classifiers(head.classifiers, head.classes_per_step, 3)(t)  # (N, A*K, H, W)
     n, _, h, w = fused.shape
     expected = fused.view(n, 3, 9, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 9)
     torch.testing.assert_close(head.forward_level(x), expected, rtol=1e-5, atol=1e-5)

@@ -36,7 +36,9 @@ def main(argv=None) -> int:
                         "settings (the model settings come from the detector); its validation "
                         "set evaluates the imported detector")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config value")
+                        metavar="KEY=VALUE", help="override a config value, also the model "
+                        "settings a state dict does not carry (model.min_size, model.max_size, "
+                        "model.score_thresh, ...: torchvision's defaults otherwise)")
     parser.add_argument("--force", action="store_true", help="replace an existing step 0")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
                                       importer.read_classes(args.classes), args.classes)
     metrics = importer.import_detector(model, slots, cfg, args.work_dir, source,
                                        evaluate=args.config is not None, force=args.force,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress, overrides=args.overrides)
     ap = metrics["map"]["all"]["AP"]
     print(f"imported {len(metrics['classes']['new'])} classes from {source} into "
           f"{args.work_dir}/step_0" + ("" if ap is None else f" (AP {ap:.3f})"))

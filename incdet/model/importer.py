@@ -15,9 +15,11 @@ so every later step, the protocol runner, evaluation and export work unchanged:
   (``model.trainable_layers: 3``, torchvision's default for trained detectors).
 * **Classes**: output slot ``i`` of the detector is class ``slots[i]`` (``{id, name}``, or None
   for a slot that is no class: torchvision's COCO weights have 91 slots indexed by category id,
-  with ``__background__`` and ``N/A`` slots that never fire). Only real classes are kept, in
-  ascending category id (the default class order of a split), and their classifier channels are
-  taken in that order, so detections keep their category ids.
+  with ``__background__`` and ``N/A`` slots that never fire). Only real classes are kept, in slot
+  order (not re-sorted: torchvision's class-wise NMS offsets boxes by label, so permuting labels
+  could change its rounding). They become the config's ``categories``; a string split
+  (``"80+2"``) then takes them first, in this order, and the dataset's other classes after them
+  in ascending id.
 
 Detections of the imported model equal the stock detector's in eval mode; the tests check it for
 both torchvision layouts.
@@ -342,8 +344,11 @@ def load_torchvision(path: str | Path, arch: str, source: str) -> RetinaNet:
                         f"{expected}; give the --arch it was built with")
     if not any(k.endswith("num_batches_tracked") for k in state):
         freeze_batch_norms(model)  # saved from a model with frozen norms (no BN counters)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    wrong = _shape_mismatches(model, state)
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
     if missing or unexpected or wrong:
         parts = []
         if wrong:
@@ -354,25 +359,19 @@ def load_torchvision(path: str | Path, arch: str, source: str) -> RetinaNet:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise UserError(f"{source}: does not fit {arch}: {'; '.join(parts)}; give the --arch "
                         "the detector was built with")
+    model.load_state_dict(state)
     return model.eval()
-
-
-def _shape_mismatches(model: nn.Module, state: dict) -> list[str]:
-    own = model.state_dict()
-    return [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-            if k in own and own[k].shape != v.shape]
 
 
 def import_model(model: RetinaNet, slots: Sequence[dict | None]):
     """``(model_cfg, loss_cfg, categories, incdet_state)`` of a torchvision RetinaNet whose output
-    slot ``i`` is class ``slots[i]``; categories in class order (ascending id)."""
+    slot ``i`` is class ``slots[i]``; categories in slot order."""
     num_slots = model.head.classification_head.num_classes
     if len(slots) != num_slots:
         raise UserError(f"{len(slots)} classes given but the detector has {num_slots} output "
                         "slots")
     mcfg, lcfg = settings_of(model)
-    real = sorted((c["id"], i) for i, c in enumerate(slots) if c is not None)
-    keep = [i for _, i in real]
+    keep = [i for i, c in enumerate(slots) if c is not None]
     categories = [dict(slots[i]) for i in keep]
     state = convert_state(model.state_dict(), mcfg,
                           model.head.classification_head.num_anchors, keep)
@@ -381,16 +380,19 @@ def import_model(model: RetinaNet, slots: Sequence[dict | None]):
 
 def import_detector(model: RetinaNet, slots: Sequence[dict | None], cfg: dict,
                     work_dir: str | Path, source: str, evaluate: bool = False,
-                    force: bool = False, progress: bool = True) -> dict:
+                    force: bool = False, progress: bool = True,
+                    overrides: Sequence[str] = ()) -> dict:
     """Write ``work_dir/step_0/`` for ``model`` (see the module docstring); returns its
     metrics. ``cfg``: the experiment's config (data, training settings); its ``model`` and
-    ``loss.box`` settings, ``categories`` and ``split`` are replaced by the detector's.
+    ``loss.box`` settings, ``categories`` and ``split`` are replaced by the detector's, then
+    ``overrides`` (``--set`` items) apply, so that settings a state dict does not carry (image
+    sizes, thresholds) can be given.
     ``evaluate``: evaluate on ``cfg``'s validation set (its annotations of the imported
     classes). Nothing is written when anything fails."""
     import copy
 
     from incdet.checkpoint import save_checkpoint
-    from incdet.config import DEFAULTS, dump_config, strip_private
+    from incdet.config import DEFAULTS, apply_overrides, dump_config, strip_private
     from incdet.evaluation import evaluate_model, format_table
     from incdet.io import atomic_write_json
     from incdet.methods import model_of
@@ -406,6 +408,7 @@ def import_detector(model: RetinaNet, slots: Sequence[dict | None], cfg: dict,
     ids = [c["id"] for c in categories]
     cfg["split"] = [ids]
     cfg["class_order"] = None
+    apply_overrides(cfg, list(overrides))
     ckpt = {"step": 0, "class_order": ids, "steps": [ids],
             "names": {str(c["id"]): c["name"] for c in categories},
             "head_layout": [len(ids)], "head_towers": [0], "config": strip_private(cfg),
