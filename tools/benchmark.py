@@ -15,7 +15,11 @@ import time
 
 from incdet.cli import main_guard, setup_logging
 
-SECTIONS = ("throughput", "cost", "herding", "2step", "4step", "inference")
+SECTIONS = ("throughput", "cost", "herding", "2step", "4step", "inference", "pretrained")
+# the pretrained section's variants: step 1 from an imported step-0 detector, no memory
+PRETRAINED = {"branch": ["incremental.method=branch"], "incdet": ["incremental.method=incdet"],
+              "incdet_pseudo": ["incremental.method=incdet", "incremental.pseudo_labels=true"],
+              "finetune": ["incremental.method=finetune"]}
 
 
 def main(argv=None) -> int:
@@ -120,6 +124,19 @@ def main(argv=None) -> int:
                 f"{k} {v:.1f}" for k, v in ips.items()))
             print(f"[inference] grown / plain torchvision: {r['grown_over_plain']:.3f}, "
                   f"fused / plain: {r['fused_over_plain']:.3f}")
+        elif section == "pretrained":
+            cfg = load_config("configs/shapes_2step.yaml",
+                              args.overrides + [f"train.max_iters={iters}"])
+            r = benchmarks.pretrained(cfg, f"{args.out}/pretrained_{iters}", PRETRAINED,
+                                      progress, cost_iters=3 if args.quick else 10)
+            print(f"[pretrained] step-0 AP trained {r['trained_step0_ap']:.4f}, imported "
+                  f"{r['imported_ap']:.4f}")
+            for m, v in r["variants"].items():
+                print(f"[pretrained] {m}: old {v['old']:.3f} new {v['new']:.3f} all "
+                      f"{v['all']:.3f}, old kept {v['old_retention']:.3f}")
+            c = r["cost"]
+            print(f"[pretrained] iteration branch / incdet: {c['branch_over_incdet']:.2f} "
+                  f"({c['branch_s']:.3f}s vs {c['incdet_s']:.3f}s, batch {c['batch_size']})")
         else:
             name = "shapes_2step" if section == "2step" else "shapes_4step"
             cfg = load_config(f"configs/{name}.yaml",
@@ -154,7 +171,8 @@ def main(argv=None) -> int:
             print(f"[{section}] step-0 classes kept (AP last / AP at step 0): " + ", ".join(
                 f"{m}={'-' if v is None else format(v, '.2f')}"
                 for m, v in r["step0_retention"].items()))
-        r["iters_per_step"] = iters if section in ("2step", "4step", "inference") else None
+        r["iters_per_step"] = iters if section in ("2step", "4step", "inference",
+                                                   "pretrained") else None
         r["overrides"] = args.overrides
         r["date"] = report["date"]
         report["results"][section] = r

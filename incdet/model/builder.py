@@ -185,7 +185,8 @@ class IncrementalRetinaNet(RetinaNet):
     returns up to ``len(class_groups) * detections_per_img`` detections.
     """
 
-    class_groups: list[int]
+    # ``class_groups`` (a list of ints, set by the builder) is an attribute without a class-level
+    # annotation: TorchScript cannot read postponed annotations, and infers it from the value
 
     def postprocess_detections(self, head_outputs: dict[str, list[Tensor]],
                                anchors: list[list[Tensor]],
@@ -216,7 +217,9 @@ class IncrementalRetinaNet(RetinaNet):
         boxes_l, scores_l, labels_l = [], [], []
         for logits_l, regression_l, anchors_l in zip(logits, regression, anchors):
             k = logits_l.shape[-1]
-            scores = torch.sigmoid(logits_l).flatten()
+            # contiguous first: the sigmoid of a strided slice can round differently in the last
+            # bit, and a group's scores must not depend on the other groups
+            scores = torch.sigmoid(logits_l.contiguous()).flatten()
             candidates = torch.where(scores > self.score_thresh)[0]
             scores = scores[candidates]
             scores, order = scores.topk(det_utils._topk_min(candidates, self.topk_candidates, 0))
