@@ -16,7 +16,7 @@ from incdet.data.dataset import DetectionDataset, collate
 from incdet.data.records import filter_for_classes
 from incdet.engine import build_optimizer, seed_everything
 from incdet.errors import UserError
-from incdet.protocol import run_protocol
+from incdet.protocol import run_protocol, share_step0
 from incdet.step import load_experiment
 
 
@@ -355,7 +355,7 @@ def pretrained(cfg: dict, work_dir: str | Path, variants: dict[str, list[str]],
         vcfg = copy.deepcopy(imported_cfg)
         apply_overrides(vcfg, overrides + ["memory.budget=0"])
         vdir = work_dir / name
-        _copy_step0(imported_dir, vdir)
+        share_step0(imported_dir, vdir, vcfg, progress)
         m = run_step(vcfg, 1, vdir, resume=True, progress=progress)
         old = m["map"]["old"]["AP"]
         out["variants"][name] = {
@@ -365,19 +365,6 @@ def pretrained(cfg: dict, work_dir: str | Path, variants: dict[str, list[str]],
     out["cost"] = _branch_cost(imported_cfg, load_checkpoint(imported_dir / "step_0" /
                                                              "checkpoint.pt"), cost_iters)
     return out
-
-
-def _copy_step0(source: Path, vdir: Path) -> None:
-    import shutil
-
-    dst = vdir / "step_0"
-    if (dst / "metrics.json").is_file():
-        return
-    dst.mkdir(parents=True, exist_ok=True)
-    for item in (source / "step_0").iterdir():
-        if item.is_file() and item.name != "metrics.json":
-            shutil.copy2(item, dst / item.name)
-    shutil.copy2(source / "step_0" / "metrics.json", dst / "metrics.json")
 
 
 def _branch_cost(cfg: dict, previous: dict, iters: int, batch_size: int = 8) -> dict:

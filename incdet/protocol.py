@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from incdet.config import apply_overrides
+from incdet.errors import UserError
 from incdet.methods import memory_enabled
 from incdet.step import load_experiment, run_step, write_memory
 
@@ -42,15 +43,25 @@ def _step0_key(cfg: dict) -> str:
 
 
 def run_protocol(cfg: dict, work_dir: str | Path, variants: dict[str, list[str]],
-                 progress: bool = True, joint_last_only: bool = False) -> dict[str, list[dict]]:
+                 progress: bool = True, joint_last_only: bool = False,
+                 step0: str | Path | None = None) -> dict[str, list[dict]]:
     """Returns ``{variant: [metrics of step 0, 1, ...]}``.
 
     ``joint_last_only``: a ``joint`` variant trains only the last step (from scratch on every
     class; its earlier steps do not influence it), for benchmarks that compare final figures.
+    ``step0``: a finished step-0 folder (for example an imported detector's
+    ``W/step_0``) that every variant starts from instead of training its own.
     """
     work_dir = Path(work_dir)
     _, _, classes = load_experiment(cfg, progress)
     configs = variant_configs(cfg, variants)
+    if step0 is not None:
+        step0 = Path(step0)
+        if not (step0 / "metrics.json").is_file() or step0.name != "step_0":
+            raise UserError(f"--step0 {step0}: not a finished step_0 folder (it needs "
+                            "metrics.json); import or train step 0 first")
+        for name, vcfg in configs.items():
+            share_step0(step0.parent, work_dir / name, vcfg, progress)
     last = classes.num_steps - 1
     skip_early = {name for name, vcfg in configs.items()
                   if joint_last_only and vcfg["incremental"]["method"] == "joint"}
@@ -67,7 +78,7 @@ def run_protocol(cfg: dict, work_dir: str | Path, variants: dict[str, list[str]]
                     continue
                 bar.set_postfix_str(f"{name} step {t}")
                 if t == 0 and key in shared:
-                    _share_step0(shared[key], vdir, vcfg, progress)
+                    share_step0(shared[key], vdir, vcfg, progress)
                 elif t == 0 and name in skip_early and last > 0 and \
                         not (vdir / "step_0" / "metrics.json").is_file():
                     bar.update(1)  # joint's own step 0 would not influence its last step
@@ -79,7 +90,10 @@ def run_protocol(cfg: dict, work_dir: str | Path, variants: dict[str, list[str]]
     return results
 
 
-def _share_step0(source: Path, vdir: Path, cfg: dict, progress: bool) -> None:
+def share_step0(source: Path, vdir: Path, cfg: dict, progress: bool) -> None:
+    """Copy the finished ``source/step_0`` to ``vdir/step_0`` (metrics.json last), selecting the
+    exemplar memory from the copied model when ``cfg`` needs one the copy lacks; a no-op when
+    ``vdir`` has its step 0 or ``source`` has none."""
     src, dst = source / "step_0", vdir / "step_0"
     if (dst / "metrics.json").is_file() or not (src / "metrics.json").is_file():
         return

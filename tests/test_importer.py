@@ -247,3 +247,20 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
     again = _run_tool("--state-dict", str(v1), "--arch", "retinanet_resnet18_fpn", "--classes",
                       str(classes), "--work-dir", str(tmp_path / "w"))
     assert again.returncode == 2 and "step 0 already exists" in again.stderr
+
+
+def test_protocol_runner_starts_every_method_from_the_imported_step(tmp_path, tiny_dataset):
+    from incdet.protocol import method_variants, run_protocol
+
+    _, slots, metrics0 = _small_imported(tmp_path, tiny_dataset)
+    cfg_path = tmp_path / "protocol.yaml"
+    cfg_path.write_text(f"_base_: {tmp_path / 'w' / 'step_0' / 'config.yaml'}\nsplit: '5+5'\n")
+    cfg = load_config(cfg_path)
+    res = run_protocol(cfg, tmp_path / "p", method_variants(["branch", "finetune"]),
+                       progress=False, step0=tmp_path / "w" / "step_0")
+    assert [m["step"] for m in res["branch"]] == [0, 1] and res["branch"][0]["method"] == "imported"
+    assert res["branch"][1]["groups"]["step_0"] == metrics0["groups"]["step_0"]
+    assert res["finetune"][1]["classes"]["old"] == [s["id"] for s in slots]
+    with pytest.raises(UserError, match="not a finished step_0 folder"):
+        run_protocol(cfg, tmp_path / "q", method_variants(["branch"]), progress=False,
+                     step0=tmp_path / "w")

@@ -20,7 +20,11 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--work-dir", required=True, help="experiment folder")
     parser.add_argument("--methods", default="incdet,finetune,joint",
-                        help="comma-separated: incdet, finetune, joint (default: all three)")
+                        help="comma-separated: incdet, finetune, joint, branch "
+                             "(default: incdet,finetune,joint)")
+    parser.add_argument("--step0", metavar="DIR",
+                        help="a finished step_0 folder every method starts from (e.g. one "
+                             "written by tools/import_detector.py) instead of training step 0")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config value for every method")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -41,7 +45,8 @@ def main(argv=None) -> int:
                         f"{', '.join(METHODS)}")
     cfg = load_config(args.config, args.overrides)
     progress = not args.no_progress
-    results = run_protocol(cfg, args.work_dir, method_variants(methods), progress=progress)
+    results = run_protocol(cfg, args.work_dir, method_variants(methods), progress=progress,
+                           step0=args.step0)
     _, _, classes = load_experiment(cfg, progress=False)
     summary = write_report(results, args.work_dir, classes.to_dict()["names"],
                            config=str(args.config), split=cfg["split"])

@@ -25,9 +25,9 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection import _utils as det_utils
-from torchvision.ops import boxes as box_ops
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from incdet.errors import UserError, check_choice

@@ -3,8 +3,9 @@
 ``IncrementalClassificationHead.classifiers[s]`` is the 3x3 conv of step ``s`` with
 ``A * K_s`` output channels. It reads the output of one conv tower: ``conv`` (tower 0, shared by
 every step that does not branch) or ``branches[b - 1]`` (tower ``b``, added by a ``branch`` step as
-a copy of the latest tower); ``tower_of_step[s]`` says which. Its outputs are interleaved per anchor into torchvision's anchor-major
-layout (channel ``anchor * K + class``), so the head is a drop-in for
+a copy of the latest tower); ``tower_of_step[s]`` says which. Its outputs are interleaved per
+anchor into torchvision's anchor-major layout (channel ``anchor * K + class``), so the head is a
+drop-in for
 ``torchvision.models.detection.retinanet.RetinaNetClassificationHead``: ``forward`` returns
 (N, HWA, K) logits. Adding a step appends one conv and leaves earlier convs untouched, so the
 old classes' logits stay bit-identical (growing one conv in place changes them by ~1e-6 on CPU,

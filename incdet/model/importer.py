@@ -1,4 +1,4 @@
-"""A trained torchvision RetinaNet as step 0 of an experiment ("add classes to a detector you have").
+"""A trained torchvision RetinaNet as step 0 of an experiment (add classes to a detector you have).
 
 :func:`import_detector` turns a ``torchvision.models.detection.RetinaNet`` into an incdet step-0
 folder (``checkpoint.pt``, ``config.yaml``, ``metrics.json``) exactly as if incdet had trained it,
@@ -32,7 +32,6 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-import torch
 import torchvision
 from torch import nn
 from torchvision.models.detection import RetinaNet
@@ -117,8 +116,8 @@ def _backbone_settings(backbone: nn.Module) -> dict:
             raise _not_expressible(f"its FPN reads {sorted(returned)}, not layer2-layer4")
         settings = {"backbone": name}
     else:
-        from incdet.model.builder import build_backbone
         from incdet.config import DEFAULTS
+        from incdet.model.builder import build_backbone
 
         ref = None
         for tail in (False, True):
