@@ -39,16 +39,20 @@ def accuracy(cfg: dict, work_dir: Path, variants: dict[str, list[str]], progress
         m: (steps[-1]["map"]["old"]["AP"] / _old_ap_when_learned(steps)
             if _old_ap_when_learned(steps) else None) for m, steps in res.items()}
     out["last_step_seconds"] = {m: steps[-1]["train"]["seconds"] for m, steps in res.items()}
+    if "joint" in res and res["joint"][-1].get("curve"):  # how converged the reference is
+        out["joint_curve"] = res["joint"][-1]["curve"]
     return out
 
 
-def read_joint_reference(metrics_path: str | Path, cfg: dict, all_classes: list[int]) -> float:
+def read_joint_reference(metrics_path: str | Path, cfg: dict, all_classes: list[int],
+                         iterations: int | None = None) -> float:
     """``joint``'s final AP from an existing step-0 run on every class (for example
     ``configs/shapes_joint.yaml``), instead of training it again. The run must have used the same
     data (its folder aside: the evaluation subset and the generator's settings count), model,
-    augmentation, loss and training settings (iterations included) and all classes;
-    anything else is a :class:`UserError` naming the differences. Check it before training the
-    other methods, so that a wrong reference fails at once."""
+    augmentation, loss and training settings and all classes, and have trained ``iterations``
+    iterations (the equal-compute budget: the incremental run's steps together; None: the
+    same ``train.max_iters``); anything else is a :class:`UserError` naming the differences.
+    Check it before training the other methods, so that a wrong reference fails at once."""
     metrics_path = Path(metrics_path)
     cfg_path = metrics_path.parent / "config.yaml"
     if not metrics_path.is_file() or not cfg_path.is_file():
@@ -57,9 +61,16 @@ def read_joint_reference(metrics_path: str | Path, cfg: dict, all_classes: list[
     with open(metrics_path) as f:
         metrics = json.load(f)
     ref_cfg = load_config(cfg_path)
+    # the same data may live elsewhere; how often a run saves or logs does not change it
+    budget = {("data", "root"), ("train", "checkpoint_every"), ("train", "log_every")}
+    if iterations is not None:  # the budget is checked by the iterations trained instead
+        budget |= {("train", "max_iters"), ("train", "epochs")}
     diffs = [f"{section}.{k}" for section in ("data", "model", "augment", "loss", "train")
-             for k in differing_keys(cfg[section], ref_cfg[section])
-             if (section, k) != ("data", "root")]  # the same data may live elsewhere
+             for k in differing_keys(cfg[section], ref_cfg[section]) if (section, k) not in budget]
+    trained = metrics.get("train", {}).get("iterations")
+    if iterations is not None and trained != iterations:
+        diffs.append(f"{trained} iterations (the equal-compute joint needs {iterations}: the "
+                     "incremental run's steps together)")
     seen = sorted(metrics["classes"]["old"] + metrics["classes"]["new"])
     if seen != sorted(all_classes):
         diffs.append(f"classes ({len(seen)} of {len(all_classes)})")
@@ -70,12 +81,52 @@ def read_joint_reference(metrics_path: str | Path, cfg: dict, all_classes: list[
 
 
 def with_joint_reference(result: dict, joint_ap: float, source: str | Path) -> dict:
-    """``result`` of :func:`accuracy` with ``joint``'s AP taken from a reference run."""
+    """``result`` of :func:`accuracy` with ``joint``'s AP taken from a reference run (and its
+    AP curve, when the run recorded one)."""
     out = dict(result)
+    metrics_path = Path(source)
+    if metrics_path.is_file():
+        with open(metrics_path) as f:
+            curve = json.load(f).get("curve")
+        if curve:
+            out["joint_curve"] = curve
     out["final_ap"] = dict(result["final_ap"], joint=joint_ap)
     out["joint_reference"] = str(source)
     out["ratio_to_joint"] = {m: v / joint_ap for m, v in out["final_ap"].items()}
     return out
+
+
+def over_seeds(per_seed: dict[int, dict]) -> dict:
+    """Results of :func:`accuracy` for several seeds -> the same keys, each figure replaced by
+    ``{"mean", "min", "max", "n"}`` over the seeds that have it; the per-seed results stay
+    under ``"seeds"``."""
+    out: dict = {"seeds": {str(k): v for k, v in per_seed.items()}}
+    for key in ("final_ap", "ratio_to_joint", "step0_retention", "old_ap_retention",
+                "last_step_seconds"):
+        names: list[str] = []  # in the order the variants ran
+        for r in per_seed.values():
+            names += [m for m in r.get(key, {}) if m not in names]
+        if not names:
+            continue
+        out[key] = {}
+        for m in names:
+            vals = [r[key][m] for r in per_seed.values() if r.get(key, {}).get(m) is not None]
+            out[key][m] = ({"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals),
+                            "n": len(vals)} if vals else None)
+    curves = {str(k): r["joint_curve"] for k, r in per_seed.items() if r.get("joint_curve")}
+    if curves:
+        out["joint_curve"] = curves
+    return out
+
+
+def spread_text(v: dict | None, spec: str = ".3f") -> str:
+    """``0.512 (0.509–0.515, 2 seeds)``, or the value alone for one seed."""
+    if v is None:
+        return "–"
+    if v["n"] == 1:
+        return f"{format(v['mean'], spec)} (1 seed)"
+    return (f"{format(v['mean'], spec)} ({format(v['min'], spec)}–{format(v['max'], spec)}, "
+            f"{v['n']} seeds)")
 
 
 def _old_ap_when_learned(steps: list[dict]) -> float | None:
@@ -208,27 +259,32 @@ def markdown(report: dict) -> str:
     for name, goal in (("2step", {"incdet": "≥ 0.85", "incdet_pseudo": "≥ 0.85",
                                   "incdet_memory": "≥ 0.95"}),
                        ("4step", {"incdet": "≥ 0.75", "incdet_pseudo": "≥ 0.75",
-                                  "incdet_memory": "≥ 0.90"})):
+                                  "incdet_memory": "≥ 0.90"}),
+                       ("6step", {"incdet_memory": "≥ 0.85"})):
         if name not in res:
             continue
         r = res[name]
-        it = r.get("iters_per_step")
-        lines.append(f"| {name}: joint AP (all classes, {it} iterations) | "
-                     f"{_f(r['final_ap'].get('joint'))} | reference |")
-        for m, ap in r["final_ap"].items():
+        if "seeds" not in r:  # a result written before --seeds: one seed
+            r = over_seeds({r.get("seed", 0): r})
+        it = res[name].get("iters_per_step")
+        final, ratio = r["final_ap"], r.get("ratio_to_joint", {})
+        lines.append(f"| {name}: joint AP (all classes; equal compute: the steps' {it}-iteration "
+                     f"budgets together) | {spread_text(final.get('joint'))} | reference |")
+        for m, ap in final.items():
             if m == "joint":
                 continue
-            ratio = r.get("ratio_to_joint", {}).get(m)
-            lines.append(f"| {name}: {m} AP / joint | {_f(ap)} / {_f(r['final_ap'].get('joint'))}"
-                         f" = {_f(ratio, '.2f')} | {goal.get(m.split('@')[0], '–')} |")
-        secs = r.get("last_step_seconds", {})
-        if "joint" in secs and "incdet" in secs:
-            lines.append(f"| {name}: last step wall time, incdet / joint retraining (same "
-                         f"iterations) | {secs['incdet']:.0f} s / {secs['joint']:.0f} s | – |")
+            lines.append(f"| {name}: {m} AP, and / joint | {spread_text(ap)}; "
+                         f"{spread_text(ratio.get(m), '.2f')} | "
+                         f"{goal.get(m.split('@')[0], '–')} |")
+        for seed, curve in r.get("joint_curve", {}).items():
+            points = " / ".join(f"{_f(c['AP'])} at {c['iteration']}" for c in curve)
+            lines.append(f"| {name}: joint AP during its run (seed {seed}) | {points} | "
+                         "converged if flat |")
         for m, v in r["step0_retention"].items():
             if m != "joint":
                 lines.append(f"| {name}: {m} step-0 classes' AP at the last step / at step 0 | "
-                             f"{_f(v, '.2f')} | {'< 0.3' if m == 'finetune' else 'high'} |")
+                             f"{spread_text(v, '.2f')} | "
+                             f"{'≤ 0.3' if m == 'finetune' else 'high'} |")
     if "inference" in res:
         r = res["inference"]
         ips = r["images_per_second"]

@@ -111,9 +111,14 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 20,
         "checkpoint_every": 200,  # also save last.pt every N iterations (0: at epoch ends only)
     },
-    "eval": {"batch_size": 16},
+    # every_iters: also evaluate every N training iterations (a multiple of
+    # train.checkpoint_every), written to metrics.json "curve": how converged a step is
+    "eval": {"batch_size": 16, "every_iters": None},
     "incremental": {
         "method": "incdet",  # incdet | finetune | joint | branch
+        # joint's budget at step t: equal (the sum of the incremental run's step budgets up to t:
+        # equal compute, the upper bound) | step (one step's budget: a weaker reference)
+        "joint_budget": "equal",
         "temperature": 2.0,  # distillation temperature T (sigmoid_kd)
         "cls_distill": "sigmoid_kd",  # sigmoid_kd | l2
         "box_distill": "l2",  # l2 | smooth_l1 | none

@@ -5,7 +5,11 @@
   previous model) distils old-class logits and box deltas (:mod:`incdet.distill`).
 * ``finetune``: the same grown student, plain focal loss over every seen class (unlabelled old
   objects become background), no teacher: the lower bound.
-* ``joint``: a fresh model trained on every seen class's annotations: the upper bound.
+* ``joint``: a fresh model trained on every seen class's annotations: the upper bound. At step
+  ``t`` it trains for as many iterations as the incremental run has spent on steps ``0..t``
+  together (equal compute; :func:`training_budget`), with the same recipe, its schedule
+  stretched over the longer run. ``incremental.joint_budget: step`` gives it one step's budget
+  instead (a weaker reference, never the default denominator of a ratio).
 * ``branch``: the new classes get a classification tower of their own (a copy of the latest
   tower) and a classifier; everything the earlier steps trained (backbone, FPN, box subnet,
   earlier towers and classifiers, norm statistics) is frozen, so old-class logits are
@@ -38,6 +42,36 @@ class Plan:
     uses_previous: bool  # starts from the previous step's model
     uses_teacher: bool
     uses_memory: bool = False
+
+
+JOINT_BUDGETS = ("equal", "step")
+
+
+def step_iterations(cfg: dict, num_images: int) -> int:
+    """One step's budget: ``train.max_iters``, or ``train.epochs`` over ``num_images`` images
+    in full batches of ``train.batch_size``."""
+    tcfg = cfg["train"]
+    if tcfg.get("max_iters"):
+        return int(tcfg["max_iters"])
+    bs = int(tcfg["batch_size"])
+    return int(tcfg["epochs"]) * max(1, num_images // bs if num_images > bs else 1)
+
+
+def training_budget(cfg: dict, classes: ClassSpace, records, t: int, batches: int) -> int:
+    """Iterations of step ``t``: its own budget (``batches`` per epoch with ``train.epochs``);
+    for ``joint`` with ``incremental.joint_budget: equal`` (the default) the sum of the budgets
+    of steps ``0..t`` of the incremental run (each step's budget counted over its new-class
+    images, as the incremental steps train), so that the upper bound has the same compute."""
+    tcfg = cfg["train"]
+    own = int(tcfg["max_iters"]) if tcfg.get("max_iters") else int(tcfg["epochs"]) * batches
+    rule = cfg["incremental"].get("joint_budget", "equal")
+    check_choice("incremental.joint_budget", rule, JOINT_BUDGETS)
+    if cfg["incremental"]["method"] != "joint" or t == 0 or rule == "step":
+        return own
+    from incdet.data.records import filter_for_classes
+
+    return sum(step_iterations(cfg, len(filter_for_classes(records, classes.steps[s])))
+               for s in range(t + 1))
 
 
 def memory_enabled(cfg: dict) -> bool:

@@ -33,7 +33,7 @@ from incdet.errors import UserError
 from incdet.evaluation import evaluate_model, format_table
 from incdet.io import atomic_write_json
 from incdet.memory import Memory, build_memory, rank_classes, roi_features
-from incdet.model.builder import head_layout, head_towers
+from incdet.model.builder import head_layout, head_towers, keep_frozen_norms
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +259,7 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
         criterion = methods.make_criterion(cfg, student, teacher, plan, classes, sc)
     loss_fn, _ddp = dist.wrap(student, criterion, device)
 
-    total_iters = int(tcfg["max_iters"]) if tcfg.get("max_iters") else \
-        int(tcfg["epochs"]) * len(loader)
+    total_iters = methods.training_budget(cfg, classes, train_set.records, t, len(loader))
     optimizer = build_optimizer(student, tcfg)
     scheduler = build_scheduler(optimizer, tcfg, total_iters)
     if main:
@@ -305,6 +304,31 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
                                                      "epoch_rng": position[0],
                                                      "batches_done": position[1]}))
 
+    curve_path = step_dir / "curve.jsonl"
+    every_eval = int(cfg["eval"].get("every_iters") or 0)
+    if every_eval and (not tcfg.get("checkpoint_every") or
+                       every_eval % int(tcfg["checkpoint_every"])):
+        raise UserError(f"eval.every_iters: {every_eval} must be a multiple of "
+                        f"train.checkpoint_every ({tcfg.get('checkpoint_every')}): evaluation "
+                        "happens at checkpoints")
+    if main and not resume and curve_path.exists():
+        curve_path.unlink()  # a fresh run: the curve of an earlier one does not continue
+
+    def on_checkpoint(epoch: int, iteration: int, position=None) -> None:
+        """``last.pt``, and with ``eval.every_iters`` an evaluation of the model so far (one
+        line of ``curve.jsonl``: how far from converged the step is)."""
+        save_last(epoch, iteration, position)
+        if every_eval and iteration % every_eval == 0 and iteration < total_iters:
+            ev = evaluate_model(student, val_set.records, val_set.categories,
+                                classes.order[:len(sc.seen)], metric_groups(classes, t),
+                                int(cfg["eval"]["batch_size"]), device,
+                                num_workers=int(tcfg["num_workers"]), progress=False)
+            with open(curve_path, "a") as f:
+                f.write(json.dumps({"iteration": iteration, "AP": ev["groups"]["all"]["AP"]})
+                        + "\n")
+            student.train()
+            keep_frozen_norms(student)
+
     from torch.utils.tensorboard import SummaryWriter
 
     weights = dict(cfg["loss"]["weights"])
@@ -318,7 +342,7 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     try:
         result = train(student, loss_fn, loader, optimizer, scheduler, tcfg, weights,
                        total_iters, device, step_dir, writer, start_iter, start_epoch,
-                       on_epoch_end=save_last, progress=progress, on_checkpoint=save_last,
+                       on_epoch_end=save_last, progress=progress, on_checkpoint=on_checkpoint,
                        shuffle_generator=_shuffle_generator(loader),
                        resume_position=resume_position)
         student = _unwrap_sync_bn(student)
@@ -356,6 +380,13 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
                   "images_per_second": round(result.images_per_second, 2),
                   "images": len(dataset)},
     }
+    if method == "joint":  # which reference this is: equal compute (default) or one step
+        metrics["joint_budget"] = cfg["incremental"].get("joint_budget", "equal")
+    if curve_path.is_file():  # AP during training, then at the end
+        metrics["curve"] = [json.loads(line) for line in curve_path.read_text().splitlines()
+                            if line.strip()]
+        metrics["curve"].append({"iteration": total_iters,
+                                 "AP": evaluation["groups"]["all"]["AP"]})
     if new_memory is not None:
         atomic_write_json(step_dir / "memory.json",
                           new_memory.to_json(cfg["data"]["root"], train_set.categories, t))

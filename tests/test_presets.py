@@ -17,7 +17,8 @@ EXPECTED_STEPS = {"coco_40+40": [40, 40], "coco_70+10": [70, 10],
                   "coco_40+10x4": [40, 10, 10, 10, 10], "coco_40+20x2": [40, 20, 20],
                   "voc_10+10": [10, 10], "voc_15+5": [15, 5], "voc_19+1": [19, 1],
                   "voc_15+1x5": [15, 1, 1, 1, 1, 1], "shapes_2step": [5, 5],
-                  "shapes_4step": [4, 2, 2, 2], "shapes_joint": [10],
+                  "shapes_4step": [4, 2, 2, 2], "shapes_6step": [5, 1, 1, 1, 1, 1],
+                  "shapes_joint": [10],
                   "shapes_demo": [5, 5]}
 
 

@@ -16,6 +16,9 @@ def test_protocol_shares_step_0_and_skips_completed_steps(tiny_config, tmp_path)
     assert (tmp_path / "finetune" / "step_0" / "checkpoint.pt").read_bytes() == a
     assert res["finetune"][0] == res["incdet"][0]
     assert res["finetune"][1]["method"] == "finetune" and res["joint"][1]["method"] == "joint"
+    # joint is the equal-compute upper bound: both steps' budgets (3 + 3 iterations)
+    assert res["incdet"][1]["train"]["iterations"] == 3
+    assert res["joint"][1]["train"]["iterations"] == 6
     mtime = (tmp_path / "finetune" / "step_1" / "metrics.json").stat().st_mtime_ns
     again = run_protocol(cfg, tmp_path, variants, progress=False, joint_last_only=True)
     assert again == res
@@ -97,6 +100,32 @@ def test_joint_reference_is_used_only_when_trained_the_same_way(tmp_path):
         read_joint_reference(ref / "metrics.json", cfg, [1, 2, 3, 4, 5])
     with pytest.raises(UserError, match="must be the metrics.json of a finished step-0 run"):
         read_joint_reference(tmp_path / "missing" / "metrics.json", cfg, [1, 2, 3, 4])
+    # the equal-compute rule: the reference trained both steps' budgets (2 x 40), whatever its
+    # train.max_iters says; one step's budget is refused
+    (ref / "metrics.json").write_text(json.dumps(dict(metrics, train={"iterations": 80})))
+    assert read_joint_reference(ref / "metrics.json", cfg, [1, 2, 3, 4], iterations=80) == 0.4
+    with pytest.raises(UserError, match="80 iterations \\(the equal-compute joint needs 160"):
+        read_joint_reference(ref / "metrics.json", cfg, [1, 2, 3, 4], iterations=160)
+
+
+def test_joint_budget_rule(tiny_config):
+    import pytest
+
+    from incdet.errors import UserError
+    from incdet.methods import training_budget
+    from incdet.step import load_experiment
+
+    cfg = load_config(tiny_config, ["incremental.method=joint", "train.max_iters=10"])
+    _, _, classes = load_experiment(cfg, progress=False)
+    assert [training_budget(cfg, classes, [], t, 5) for t in range(3)] == [10, 20, 30]
+    cfg["incremental"]["joint_budget"] = "step"
+    assert training_budget(cfg, classes, [], 2, 5) == 10
+    cfg["incremental"]["method"] = "incdet"
+    cfg["incremental"]["joint_budget"] = "equal"
+    assert training_budget(cfg, classes, [], 2, 5) == 10
+    cfg["incremental"]["joint_budget"] = "twice"
+    with pytest.raises(UserError, match="incremental.joint_budget: 'twice' is not one of"):
+        training_budget(cfg, classes, [], 1, 5)
 
 
 def test_benchmark_refuses_joint_reference_beside_joint(tmp_path, capsys):
@@ -115,3 +144,47 @@ def test_benchmark_refuses_joint_reference_beside_joint(tmp_path, capsys):
     assert e.value.code == 2
     assert "--joint-reference replaces training joint" in capsys.readouterr().err
     assert not (tmp_path / "benchmark.json").exists()
+
+
+def test_seeds_are_summarised_with_mean_and_spread():
+    from incdet.benchmarks import markdown, over_seeds, spread_text
+
+    runs = {0: {"final_ap": {"incdet": 0.50, "joint": 0.60}, "step0_retention": {"incdet": 0.9},
+                "ratio_to_joint": {"incdet": 0.50 / 0.60, "joint": 1.0}},
+            1: {"final_ap": {"incdet": 0.54, "joint": 0.60}, "step0_retention": {"incdet": None},
+                "ratio_to_joint": {"incdet": 0.90, "joint": 1.0}}}
+    r = over_seeds(runs)
+    assert list(r["final_ap"]) == ["incdet", "joint"]
+    inc = r["final_ap"]["incdet"]
+    assert inc["n"] == 2 and inc["min"] == 0.50 and inc["max"] == 0.54
+    assert abs(inc["mean"] - 0.52) < 1e-12
+    assert r["step0_retention"]["incdet"] == {"mean": 0.9, "min": 0.9, "max": 0.9, "n": 1}
+    assert r["seeds"]["1"] is runs[1]
+    assert spread_text(inc) == "0.520 (0.500–0.540, 2 seeds)"
+    assert spread_text(r["step0_retention"]["incdet"], ".2f") == "0.90 (1 seed)"
+    table = markdown({"results": {"2step": dict(r, iters_per_step=100)}})
+    assert "| 2step: incdet AP, and / joint | 0.520 (0.500–0.540, 2 seeds); " in table
+    assert "equal compute" in table and "≥ 0.85" in table
+
+
+def test_a_step_can_record_its_ap_curve(tiny_config, tmp_path):
+    import pytest
+
+    from incdet.errors import UserError
+    from incdet.step import run_step
+
+    cfg = load_config(tiny_config, ["train.max_iters=4", "train.checkpoint_every=2",
+                                    "eval.every_iters=2", "split=10"])
+    m = run_step(cfg, 0, tmp_path / "a", progress=False)
+    assert [c["iteration"] for c in m["curve"]] == [2, 4]
+    assert m["curve"][-1]["AP"] == m["map"]["all"]["AP"]
+    assert all(c["AP"] is not None for c in m["curve"])
+    plain = run_step(load_config(tiny_config, ["train.max_iters=4", "train.checkpoint_every=2",
+                                               "split=10"]), 0, tmp_path / "b", progress=False)
+    assert "curve" not in plain
+    # evaluating midway does not change the training: same final AP
+    assert plain["map"]["all"] == m["map"]["all"]
+    bad = load_config(tiny_config, ["train.checkpoint_every=3", "eval.every_iters=2"])
+    with pytest.raises(UserError, match="eval.every_iters: 2 must be a multiple of "
+                                        "train.checkpoint_every"):
+        run_step(bad, 0, tmp_path / "c", progress=False)

@@ -15,7 +15,9 @@ import time
 
 from incdet.cli import main_guard, setup_logging
 
-SECTIONS = ("throughput", "cost", "herding", "2step", "4step", "inference", "pretrained")
+SECTIONS = ("throughput", "cost", "herding", "2step", "4step", "6step", "inference",
+            "pretrained")
+PROTOCOLS = {"2step": "shapes_2step", "4step": "shapes_4step", "6step": "shapes_6step"}
 # the pretrained section's variants: step 1 from an imported step-0 detector, no memory
 PRETRAINED = {"branch": ["incremental.method=branch"], "incdet": ["incremental.method=incdet"],
               "incdet_pseudo": ["incremental.method=incdet", "incremental.pseudo_labels=true"],
@@ -40,8 +42,14 @@ def main(argv=None) -> int:
                              "incdet_memory@memory.replay_mode=share")
     parser.add_argument("--joint-reference", metavar="METRICS_JSON",
                         help="without joint among --methods: take joint's AP from this finished "
-                             "step-0 run on all classes with the same recipe and iterations "
-                             "(e.g. runs/joint/step_0/metrics.json of configs/shapes_joint.yaml)")
+                             "step-0 run on all classes with the same recipe and the "
+                             "equal-compute budget (--iters times the number of steps), e.g. "
+                             "runs/joint/step_0/metrics.json of configs/shapes_joint.yaml; "
+                             "{seed} in the path stands for each seed")
+    parser.add_argument("--seeds", help="comma-separated training seeds for the accuracy "
+                        "sections (2step, 4step, 6step), e.g. 0,1: each variant runs per seed "
+                        "(step 0 too) and the tables give the mean and min-max "
+                        "(default: the config's train.seed)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override for every section")
     parser.add_argument("--no-progress", action="store_true")
@@ -58,6 +66,10 @@ def main(argv=None) -> int:
         return 0
 
     sections = [s for s in args.sections.split(",") if s]
+    try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else [None]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: expected integers such as 0,1")
     methods = [m for m in args.methods.split(",") if m]
     if args.joint_reference and any(m.split("@")[0] == "joint" for m in methods):
         parser.error("--joint-reference replaces training joint: drop joint from --methods, or "
@@ -138,9 +150,7 @@ def main(argv=None) -> int:
             print(f"[pretrained] iteration branch / incdet: {c['branch_over_incdet']:.2f} "
                   f"({c['branch_s']:.3f}s vs {c['incdet_s']:.3f}s, batch {c['batch_size']})")
         else:
-            name = "shapes_2step" if section == "2step" else "shapes_4step"
-            cfg = load_config(f"configs/{name}.yaml",
-                              args.overrides + [f"train.max_iters={iters}"])
+            name = PROTOCOLS[section]
             variants = {}
             for entry in methods:
                 # "NAME@key=value@..." : the variant NAME with extra overrides of its own
@@ -152,26 +162,39 @@ def main(argv=None) -> int:
                                        "incremental.pseudo_labels=true"]
                 else:
                     variants[entry] = [f"incremental.method={m}", "memory.budget=0"]
+                if m == "joint":  # evaluated at half its budget too: how converged it is
+                    steps = len(load_experiment(load_config(f"configs/{name}.yaml"),
+                                                progress=False)[2].steps)
+                    half = iters * steps // 2
+                    variants[entry] += [f"eval.every_iters={half}",
+                                        f"train.checkpoint_every={half}"]
                 variants[entry] += extra
-            joint_ap = None
-            if "joint" not in variants and args.joint_reference:  # checked before any training
-                _, _, classes = load_experiment(cfg, progress=False)
-                joint_ap = benchmarks.read_joint_reference(args.joint_reference, cfg,
-                                                           list(classes.order))
-            r = benchmarks.accuracy(cfg, f"{args.out}/{name}_{iters}", variants, progress)
-            if joint_ap is not None:
-                r = benchmarks.with_joint_reference(r, joint_ap, args.joint_reference)
+            per_seed = {}
+            for seed in seeds:
+                cfg = load_config(f"configs/{name}.yaml", args.overrides + [
+                    f"train.max_iters={iters}"] + ([] if seed is None else [f"train.seed={seed}"]))
+                seed = cfg["train"]["seed"]
+                joint_ap = reference = None
+                if "joint" not in variants and args.joint_reference:  # checked before training
+                    reference = args.joint_reference.replace("{seed}", str(seed))
+                    _, _, classes = load_experiment(cfg, progress=False)
+                    joint_ap = benchmarks.read_joint_reference(
+                        reference, cfg, list(classes.order), iterations=iters * classes.num_steps)
+                # seed 0 keeps the folder of the runs made before --seeds existed
+                folder = f"{args.out}/{name}_{iters}" + (f"_seed{seed}" if seed else "")
+                r = benchmarks.accuracy(cfg, folder, variants, progress)
+                if joint_ap is not None:
+                    r = benchmarks.with_joint_reference(r, joint_ap, reference)
+                per_seed[seed] = r
+            r = benchmarks.over_seeds(per_seed)
             r["config"] = f"configs/{name}.yaml"
-            r["seed"] = cfg["train"]["seed"]
-            print(f"[{section}] final AP (all classes): " + ", ".join(
-                f"{m}={v:.3f}" for m, v in r["final_ap"].items()))
-            if "ratio_to_joint" in r:
-                print(f"[{section}] ratio to joint: " + ", ".join(
-                    f"{m}={v:.2f}" for m, v in r["ratio_to_joint"].items()))
-            print(f"[{section}] step-0 classes kept (AP last / AP at step 0): " + ", ".join(
-                f"{m}={'-' if v is None else format(v, '.2f')}"
-                for m, v in r["step0_retention"].items()))
-        r["iters_per_step"] = iters if section in ("2step", "4step", "inference",
+            for key, label in (("final_ap", "final AP (all classes)"),
+                               ("ratio_to_joint", "ratio to equal-compute joint"),
+                               ("step0_retention", "step-0 classes kept (AP last / at step 0)")):
+                if key in r:
+                    print(f"[{section}] {label}: " + ", ".join(
+                        f"{m}={benchmarks.spread_text(v)}" for m, v in r[key].items()))
+        r["iters_per_step"] = iters if section in ("2step", "4step", "6step", "inference",
                                                    "pretrained") else None
         r["overrides"] = args.overrides
         r["date"] = report["date"]
