@@ -24,8 +24,9 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         "format": "coco",  # coco | voc
         "root": "data/shapes",  # other data paths are relative to it (and it to the config file)
+        # image folder and annotation file (COCO json; VOC: the ImageSets list), under root
         "train": {"images": "images/train", "annotations": "annotations/train.json"},
-        "val": {"images": "images/val", "annotations": "annotations/val.json"},
+        "val": {"images": "images/val", "annotations": "annotations/val.json"},  # validation
         # Generate the built-in dataset at `root` when it is missing (generate: false: never).
         "synthetic": {"generate": True, "num_train": 2000, "num_val": 300, "image_size": 128,
                       "seed": 0},
@@ -45,9 +46,9 @@ DEFAULTS: dict[str, Any] = {
         # auto (frozen with weights, else batchnorm) | batchnorm | groupnorm | frozen |
         # frozen_eval (frozen, computed as BatchNorm2d in eval mode: imported BatchNorm detectors)
         "norm": "auto",
-        "fpn_channels": 64,
+        "fpn_channels": 64,  # width of the FPN and of the heads
         "fpn_norm": "none",  # none | batchnorm | groupnorm: normalisation after the FPN convs
-        "head_convs": 2,
+        "head_convs": 2,  # convs in each head tower (torchvision: 4)
         "head_norm": "groupnorm",  # groupnorm | none
         "p6_from": "p5",  # p5 (torchvision's v1) | c5 (torchvision's v2): input of P6-P7
         # one entry per FPN level P3..P7: a base size (expanded to anchor_scales octave scales)
@@ -57,13 +58,13 @@ DEFAULTS: dict[str, Any] = {
         "aspect_ratios": [1.0],  # the built-in shapes are roughly square; COCO uses 0.5, 1, 2
         "fg_iou_thresh": 0.4,  # anchor-to-box IoU for a positive anchor
         "bg_iou_thresh": 0.3,  # below it an anchor is background; between the two, ignored
-        "min_size": 128,
-        "max_size": 128,
-        "score_thresh": 0.05,
-        "nms_thresh": 0.5,
-        "detections_per_img": 100,
-        "topk_candidates": 1000,
-        "prior_probability": 0.01,
+        "min_size": 128,  # images are resized so that the shorter side is min_size
+        "max_size": 128,  # ... and the longer side at most max_size
+        "score_thresh": 0.05,  # detections below this score are dropped
+        "nms_thresh": 0.5,  # IoU of the class-wise NMS
+        "detections_per_img": 100,  # kept per image (per step with caps_per_step)
+        "topk_candidates": 1000,  # best scores kept per FPN level before NMS
+        "prior_probability": 0.01,  # focal-loss prior: initial score of a new class
         "image_mean": None,  # null: torchvision's ImageNet mean; or [r, g, b] in [0, 1]
         "image_std": None,  # null: torchvision's ImageNet std
         # auto (on for branch) | true | false: topk_candidates and detections_per_img apply to
@@ -73,42 +74,42 @@ DEFAULTS: dict[str, Any] = {
     "augment": {
         "hflip": 0.5,  # probability
         "scale": [0.75, 1.25],  # scale jitter range (null: off)
-        "scale_p": 0.5,
+        "scale_p": 0.5,  # probability of the scale jitter
         "crop_p": 0.3,  # probability of a random crop that keeps every box
-        "brightness_contrast_p": 0.5,
-        "brightness": 0.2,
-        "contrast": 0.2,
+        "brightness_contrast_p": 0.5,  # probability of the brightness / contrast jitter
+        "brightness": 0.2,  # brightness jitter limit
+        "contrast": 0.2,  # contrast jitter limit
     },
     "loss": {
         "box": "giou",  # giou | l1 | smooth_l1
-        "focal_alpha": 0.25,
-        "focal_gamma": 2.0,
+        "focal_alpha": 0.25,  # focal loss alpha
+        "focal_gamma": 2.0,  # focal loss gamma
         # weight of each loss term; loss_distill_cls applies to every loss_distill_cls_<step>
         "weights": {"loss_cls": 1.0, "loss_box": 1.0, "loss_distill_cls": 1.0,
                     "loss_distill_box": 1.0},
     },
     "train": {
-        "epochs": 12,
+        "epochs": 12,  # per step, when max_iters is null
         "max_iters": None,  # stop after this many iterations (overrides epochs when set)
-        "batch_size": 16,
+        "batch_size": 16,  # images per iteration and process (new images; memory replay adds)
         "optimizer": "adamw",  # sgd | adamw
         "lr": 0.007,  # AdamW at batch 16 (5e-3 was tuned at batch 8)
         "momentum": 0.9,  # sgd only
-        "weight_decay": 0.05,
+        "weight_decay": 0.05,  # not applied to biases and norm weights
         "schedule": "cosine",  # cosine | step
         "lr_steps": [0.67, 0.89],  # step schedule: fractions of the run at which lr *= lr_gamma
-        "lr_gamma": 0.1,
-        "warmup_iters": 100,
-        "warmup_factor": 0.001,
+        "lr_gamma": 0.1,  # step schedule: learning-rate factor at each of lr_steps
+        "warmup_iters": 100,  # linear warm-up iterations
+        "warmup_factor": 0.001,  # learning-rate factor at iteration 0
         "grad_clip": 10.0,  # max gradient norm (null: off)
-        "seed": 0,
+        "seed": 0,  # training seed (initialisation, data order, augmentation)
         "num_workers": 1,
         "threads": None,  # torch intra-op threads (null: torch's default)
         "device": "auto",  # auto | cpu | cuda | cuda:N (under torchrun: one GPU per process)
         "amp": None,  # null | bf16 | fp16: autocast mixed precision (fp16 on CUDA only)
         "channels_last": False,  # memory format for convolutions (faster on recent GPUs)
         "sync_bn": False,  # SyncBatchNorm across processes under torchrun (GPUs)
-        "log_every": 20,
+        "log_every": 20,  # TensorBoard logging interval, iterations
         "checkpoint_every": 200,  # also save last.pt every N iterations (0: at epoch ends only)
     },
     # every_iters: also evaluate every N training iterations (a multiple of
@@ -287,3 +288,73 @@ def differing_keys(a: dict, b: dict) -> list[str]:
 def strip_private(cfg: dict) -> dict:
     """The config without keys starting with ``_`` (what is saved in checkpoints)."""
     return {k: copy.deepcopy(v) for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _source_comments() -> dict[str, str]:
+    """The comment of each dotted key in the source of :data:`DEFAULTS`: the comment lines just
+    above the key and the comment at the end of its line."""
+    import re
+
+    lines = Path(__file__).read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("DEFAULTS"))
+    out: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []  # (indent, key) of the open sections
+    above: list[str] = []
+    for line in lines[start + 1:]:
+        if line.startswith("}"):
+            break
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# ").strip())
+            continue
+        m = re.match(r'^(\s*)"(\w+)":', line)
+        if m is None:
+            continue
+        indent = len(m.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        dotted = ".".join([k for _, k in stack] + [m.group(2)])
+        inline = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+        out[dotted] = " ".join(above + ([inline] if inline else []))
+        above = []
+        if line.rstrip().endswith("{"):
+            stack.append((indent, m.group(2)))
+    return out
+
+
+def reference_markdown() -> str:
+    """``docs/configuration.md``: every key with its default and comment, from :data:`DEFAULTS`
+    and this file's comments (``python -m incdet.config > docs/configuration.md``)."""
+    comments = _source_comments()
+    out = ["# Configuration reference", "",
+           "Every key, its default and what it does, generated from `incdet/config.py` by "
+           "`python -m incdet.config > docs/configuration.md` (a test checks that this file is "
+           "current). A config file only gives the keys it changes; `_base_: FILE` inherits one "
+           "file; `--set key.sub=value` overrides any key from the command line (values are "
+           "YAML); an unknown key is an error naming the key and the file.", ""]
+
+    def walk(section: dict, prefix: str, level: int) -> None:
+        rows = []
+        for key, value in section.items():
+            dotted = prefix + key
+            if isinstance(value, dict) and key not in ("weights",):
+                continue
+            default = yaml.safe_dump(value, default_flow_style=True).strip()
+            default = default.removesuffix("...").strip().replace("|", "\\|")
+            note = comments.get(dotted, "").replace("|", "\\|")
+            rows.append(f"| `{dotted}` | `{default}` | {note} |")
+        if rows:
+            out.extend(["| key | default | meaning |", "|---|---|---|", *rows, ""])
+        for key, value in section.items():
+            if isinstance(value, dict) and key not in ("weights",):
+                note = comments.get(prefix + key, "")
+                out.extend(["#" * level + f" `{prefix}{key}`", ""] + ([note, ""] if note else []))
+                walk(value, prefix + key + ".", level + 1)
+
+    out.extend(["## Top level", ""])
+    walk(DEFAULTS, "", 2)
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -66,3 +66,26 @@ def test_resolved_config_round_trips(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["seed"] == 3
     assert {k: v for k, v in again.items() if k != "_source"} == \
         {k: v for k, v in cfg.items() if k != "_source"}
+
+
+def test_configuration_reference_is_current_and_complete():
+    """docs/configuration.md is generated from DEFAULTS and its comments: it cannot drift."""
+    import re
+
+    from incdet.config import DEFAULTS, reference_markdown
+
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    assert text == reference_markdown(), \
+        "docs/configuration.md is stale: python -m incdet.config > docs/configuration.md"
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "weights":
+                yield from leaves(v, prefix + k + ".")
+            else:
+                yield prefix + k
+
+    documented = set(re.findall(r"^\| `([\w.]+)` \|", text, flags=re.M))
+    assert documented == set(leaves(DEFAULTS))
