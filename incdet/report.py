@@ -142,20 +142,85 @@ def plot_per_class_ap(summary: dict, names: dict[str, str], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_detections(work_dir: Path, methods: list[str], records, path: Path,
+                    score_thresh: float = 0.3) -> None:
+    """The same validation images (``records``) with the detections of each method's last step,
+    side by side (one row per image, one column per method): boxes and class names, classes of
+    earlier steps in blues, the last step's classes in oranges."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from matplotlib.patches import Rectangle
+
+    from incdet.checkpoint import load_checkpoint
+    from incdet.data.dataset import read_image, to_tensor
+    from incdet.step import model_from_checkpoint
+
+    images = [read_image(r.path) for r in records]
+    fig, axes = plt.subplots(len(images), len(methods), squeeze=False,
+                             figsize=(3.2 * len(methods), 3.2 * len(images)))
+    for col, method in enumerate(methods):
+        step_dirs = sorted((work_dir / method).glob("step_*/checkpoint.pt"),
+                           key=lambda p: int(p.parent.name.split("_")[1]))
+        ckpt = load_checkpoint(step_dirs[-1])
+        model = model_from_checkpoint(ckpt)
+        order = [int(c) for c in ckpt["class_order"]]
+        last = {int(c) for c in ckpt["steps"][ckpt["step"]]}
+        old_ids = [c for c in order[:sum(ckpt["head_layout"])] if c not in last]
+        shade = {c: plt.cm.Blues(0.55 + 0.4 * i / max(1, len(old_ids) - 1))
+                 for i, c in enumerate(old_ids)}
+        shade.update({c: plt.cm.Oranges(0.5 + 0.4 * i / max(1, len(last) - 1))
+                      for i, c in enumerate(sorted(last))})
+        with torch.no_grad():
+            outputs = model([to_tensor(img) for img in images])
+        for row, (img, out) in enumerate(zip(images, outputs)):
+            ax = axes[row][col]
+            ax.imshow(img)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"{method} (step {ckpt['step']})", fontsize=10)
+            for box, label, score in zip(out["boxes"].tolist(), out["labels"].tolist(),
+                                         out["scores"].tolist()):
+                if score < score_thresh:
+                    continue
+                cid = order[label]
+                x0, y0, x1, y1 = box
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5,
+                                       edgecolor=shade[cid]))
+                ax.text(x0, y0, f"{ckpt['names'][str(cid)]} {score:.2f}", fontsize=6,
+                        color="white", va="bottom",
+                        bbox={"facecolor": shade[cid], "pad": 0.5, "lw": 0})
+    fig.suptitle(f"detections (score ≥ {score_thresh}): earlier steps' classes in blue, "
+                 "the last step's in orange", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(results: dict[str, list[dict]], work_dir: str | Path, names: dict[str, str],
-                 config: str | None = None, split=None) -> dict:
+                 config: str | None = None, split=None, val_records=None) -> dict:
     """Write ``summary.json``, ``report.md`` and the plots into ``work_dir``; returns the
-    summary (with ``files``: the paths written)."""
+    summary (with ``files``: the paths written). ``val_records``: a few validation images for
+    ``detections.png`` (each method's last step on the same images)."""
     work_dir = Path(work_dir)
     summary = build_summary(results, config, split)
     plots = {"ap_over_steps": work_dir / "ap_over_steps.png",
              "per_class_ap": work_dir / "per_class_ap.png"}
     plot_ap_over_steps(summary, plots["ap_over_steps"])
     plot_per_class_ap(summary, names, plots["per_class_ap"])
+    pictures = []
+    if val_records:
+        plots["detections"] = work_dir / "detections.png"
+        plot_detections(work_dir, list(results), list(val_records), plots["detections"])
+        pictures = ["", "![detections of each method after the last step](detections.png)"]
     lines = [f"# incdet protocol report: {config or ''} (split {split})", "",
              table(summary, markdown=True), "",
              "Forgetting: mean over earlier steps of (their AP when learned − their AP now).", "",
-             "![AP over steps](ap_over_steps.png)", "", "![per-class AP](per_class_ap.png)", ""]
+             "![AP over steps](ap_over_steps.png)", "", "![per-class AP](per_class_ap.png)",
+             *pictures, ""]
     atomic_write_text(work_dir / "report.md", "\n".join(lines))
     atomic_write_json(work_dir / "summary.json", summary)
     summary["files"] = {"summary": str(work_dir / "summary.json"),

@@ -57,9 +57,15 @@ def test_run_protocol_tool_writes_report_plots_and_shares_step_0(tiny_config, tm
     assert report.count("| incdet | ") == 2 and "ap_over_steps.png" in report
     ft1 = summary["methods"]["finetune"][1]
     assert f"| finetune | 1 | {ft1['map']['old']['AP']:.3f} |" in report
-    for png in ("ap_over_steps.png", "per_class_ap.png"):
+    for png in ("ap_over_steps.png", "per_class_ap.png", "detections.png"):
         data = (work / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert "![detections of each method after the last step](detections.png)" in report
+    assert f"detections: {work / 'detections.png'}" in out
+    from PIL import Image
+
+    with Image.open(work / "detections.png") as img:  # 3 images x 3 methods
+        assert img.size[0] > img.size[1] * 0.9
     # the terminal shows the same rows
     assert "final all-classes AP / joint" in out or not final["joint"]
     assert out.count("finetune") >= 2

@@ -6,7 +6,8 @@
 Each method lives in WORK/<method>/step_<t>/. Methods that train step 0 identically share it
 (trained once). Completed steps are skipped and an interrupted one resumes, so the same command
 continues a stopped run. At the end WORK/summary.json, WORK/report.md and the plots
-WORK/ap_over_steps.png and WORK/per_class_ap.png are written and the table is printed.
+WORK/ap_over_steps.png, WORK/per_class_ap.png and WORK/detections.png (each method's detections
+on the same validation images after the last step) are written and the table is printed.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def main(argv=None) -> int:
                              "written by tools/import_detector.py) instead of training step 0")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config value for every method")
+    parser.add_argument("--pictures", type=int, default=3, metavar="N",
+                        help="validation images in detections.png (0: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     setup_logging()
@@ -47,13 +50,16 @@ def main(argv=None) -> int:
     progress = not args.no_progress
     results = run_protocol(cfg, args.work_dir, method_variants(methods), progress=progress,
                            step0=args.step0)
-    _, _, classes = load_experiment(cfg, progress=False)
+    _, val_set, classes = load_experiment(cfg, progress=False)
     summary = write_report(results, args.work_dir, classes.to_dict()["names"],
-                           config=str(args.config), split=cfg["split"])
+                           config=str(args.config), split=cfg["split"],
+                           val_records=val_set.records[:args.pictures])
     print(table(summary))
     files = summary["files"]
     print(f"\nreport: {files['report']}\nplots:  {files['ap_over_steps']}, "
           f"{files['per_class_ap']}\nsummary: {files['summary']}")
+    if "detections" in files:
+        print(f"detections: {files['detections']}")
     return 0
 
 
