@@ -42,6 +42,19 @@ def _step0_key(cfg: dict) -> str:
     return repr({k: v for k, v in sorted(cfg.items()) if k not in _STEP0_NEUTRAL})
 
 
+def with_step0(cfg: dict, step0: str | Path) -> dict:
+    """``cfg`` with the ``model`` settings and ``categories`` of a finished step-0 folder (an
+    imported detector's, for example), which later steps must match."""
+    from incdet.config import load_config
+
+    step0 = Path(step0)
+    if not (step0 / "metrics.json").is_file() or step0.name != "step_0":
+        raise UserError(f"--step0 {step0}: not a finished step_0 folder (it needs "
+                        "metrics.json); import or train step 0 first")
+    own = load_config(step0 / "config.yaml")
+    return dict(cfg, model=own["model"], categories=own.get("categories"))
+
+
 def run_protocol(cfg: dict, work_dir: str | Path, variants: dict[str, list[str]],
                  progress: bool = True, joint_last_only: bool = False,
                  step0: str | Path | None = None) -> dict[str, list[dict]]:
@@ -50,16 +63,16 @@ def run_protocol(cfg: dict, work_dir: str | Path, variants: dict[str, list[str]]
     ``joint_last_only``: a ``joint`` variant trains only the last step (from scratch on every
     class; its earlier steps do not influence it), for benchmarks that compare final figures.
     ``step0``: a finished step-0 folder (for example an imported detector's
-    ``W/step_0``) that every variant starts from instead of training its own.
+    ``W/step_0``) that every variant starts from instead of training its own; its config's
+    ``model`` settings and ``categories`` replace ``cfg``'s (they must fit its weights).
     """
     work_dir = Path(work_dir)
+    if step0 is not None:
+        step0 = Path(step0)
+        cfg = with_step0(cfg, step0)
     _, _, classes = load_experiment(cfg, progress)
     configs = variant_configs(cfg, variants)
     if step0 is not None:
-        step0 = Path(step0)
-        if not (step0 / "metrics.json").is_file() or step0.name != "step_0":
-            raise UserError(f"--step0 {step0}: not a finished step_0 folder (it needs "
-                            "metrics.json); import or train step 0 first")
         for name, vcfg in configs.items():
             share_step0(step0.parent, work_dir / name, vcfg, progress)
     last = classes.num_steps - 1

@@ -253,9 +253,8 @@ def test_protocol_runner_starts_every_method_from_the_imported_step(tmp_path, ti
     from incdet.protocol import method_variants, run_protocol
 
     _, slots, metrics0 = _small_imported(tmp_path, tiny_dataset)
-    cfg_path = tmp_path / "protocol.yaml"
-    cfg_path.write_text(f"_base_: {tmp_path / 'w' / 'step_0' / 'config.yaml'}\nsplit: '5+5'\n")
-    cfg = load_config(cfg_path)
+    # a config of the data only: the model settings and classes come from --step0
+    cfg = load_config(tmp_path / "data.yaml", ["split=5+5"])
     res = run_protocol(cfg, tmp_path / "p", method_variants(["branch", "finetune"]),
                        progress=False, step0=tmp_path / "w" / "step_0")
     assert [m["step"] for m in res["branch"]] == [0, 1] and res["branch"][0]["method"] == "imported"

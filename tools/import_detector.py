@@ -17,7 +17,7 @@ from incdet.cli import main_guard, setup_logging
 
 
 def main(argv=None) -> int:
-    from incdet.model.importer import ARCHS
+    from incdet.model.importer import ARCHS, INCDET_ARCH
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -25,9 +25,11 @@ def main(argv=None) -> int:
                         "cache (never downloaded), e.g. RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1")
     source.add_argument("--state-dict", help="file saved with torch.save(model.state_dict(), "
                         "path) from a torchvision RetinaNet")
-    parser.add_argument("--arch", choices=sorted(ARCHS),
+    parser.add_argument("--arch", choices=sorted(ARCHS) + [INCDET_ARCH],
                         help="the detector's layout (with --state-dict); the _v2 layouts have a "
-                             "GroupNorm head and P6 from C5, as torchvision's _v2 builder")
+                             "GroupNorm head and P6 from C5, as torchvision's _v2 builder; "
+                             "incdet: the layout --config's model settings describe (a state "
+                             "dict from tools/export.py --format state_dict)")
     parser.add_argument("--classes", help="JSON: a list of {id, name}, one per output slot "
                         "('__background__' / 'N/A' for slots that are no class), or a COCO "
                         "annotation file (slot = category id, torchvision's convention)")
@@ -54,7 +56,8 @@ def main(argv=None) -> int:
         model, slots, _ = importer.torchvision_from_weights(args.weights)
         source = args.weights
     else:
-        model = importer.load_torchvision(args.state_dict, args.arch, args.state_dict)
+        model = importer.load_torchvision(args.state_dict, args.arch, args.state_dict,
+                                          cfg["model"])
         source = args.state_dict
     if args.classes:
         slots = importer.slot_classes(model.head.classification_head.num_classes,

@@ -25,7 +25,8 @@ def main(argv=None) -> int:
                              "(default: incdet,finetune,joint)")
     parser.add_argument("--step0", metavar="DIR",
                         help="a finished step_0 folder every method starts from (e.g. one "
-                             "written by tools/import_detector.py) instead of training step 0")
+                             "written by tools/import_detector.py) instead of training step 0; "
+                             "its model settings and classes are used")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config value for every method")
     parser.add_argument("--pictures", type=int, default=3, metavar="N",
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     from incdet.config import load_config
     from incdet.errors import UserError
     from incdet.methods import METHODS
-    from incdet.protocol import method_variants, run_protocol
+    from incdet.protocol import method_variants, run_protocol, with_step0
     from incdet.report import table, write_report
     from incdet.step import load_experiment
 
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
     progress = not args.no_progress
     results = run_protocol(cfg, args.work_dir, method_variants(methods), progress=progress,
                            step0=args.step0)
+    if args.step0:
+        cfg = with_step0(cfg, args.step0)
     _, val_set, classes = load_experiment(cfg, progress=False)
     summary = write_report(results, args.work_dir, classes.to_dict()["names"],
                            config=str(args.config), split=cfg["split"],

@@ -53,6 +53,7 @@ WEIGHTS_ARCH = {"RetinaNet_ResNet50_FPN_Weights": "retinanet_resnet50_fpn",
                 "RetinaNet_ResNet50_FPN_V2_Weights": "retinanet_resnet50_fpn_v2"}
 ARCHS = {f"retinanet_{b}_fpn{v}": (b, "p5" if not v else "c5", "none" if not v else "groupnorm")
          for b in ("resnet18", "resnet34", "resnet50") for v in ("", "_v2")}
+INCDET_ARCH = "incdet"  # --arch incdet: the layout the config's model settings describe
 _RESNETS = {("BasicBlock", (2, 2, 2, 2)): "resnet18", ("BasicBlock", (3, 4, 6, 3)): "resnet34",
             ("Bottleneck", (3, 4, 6, 3)): "resnet50"}
 
@@ -332,11 +333,22 @@ def torchvision_from_weights(name: str) -> tuple[RetinaNet, list[dict | None], s
     return model, slots, arch
 
 
-def load_torchvision(path: str | Path, arch: str, source: str) -> RetinaNet:
-    """A stock-layout RetinaNet of ``arch`` with the state dict in ``path`` (data-only)."""
+def load_torchvision(path: str | Path, arch: str, source: str,
+                     model_cfg: dict | None = None) -> RetinaNet:
+    """A stock-layout RetinaNet of ``arch`` with the state dict in ``path`` (data-only).
+
+    ``arch="incdet"``: the torchvision RetinaNet that incdet's ``model_cfg`` describes, in the
+    layout :func:`incdet.export.to_torchvision` gives it (what ``tools/export.py --format
+    state_dict`` saves)."""
     state = load_state_dict_file(Path(path), source)
     anchors, slots = _num_anchors_and_slots(state, source)
-    model = build_torchvision(arch, slots)
+    if arch == INCDET_ARCH:
+        from incdet.export import to_torchvision
+        from incdet.model.builder import build_model
+
+        model = to_torchvision(build_model(dict(model_cfg or {}, weights=None), [slots]))
+    else:
+        model = build_torchvision(arch, slots)
     expected = model.head.classification_head.num_anchors
     if anchors != expected:
         raise UserError(f"{source}: the head has {anchors} anchors per location but {arch} has "
