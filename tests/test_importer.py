@@ -190,6 +190,9 @@ def test_class_lists_that_do_not_fit_are_clear_errors():
     slots = importer.slot_classes(3, {"categories": [{"id": 2, "name": "b"},
                                                      {"id": 1, "name": "a"}]}, "ann.json")
     assert slots == [None, {"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    meta = {"category_ids": [7, 3], "names": ["x", "y"]}  # tools/export.py OUT.json
+    assert importer.slot_classes(2, meta, "m.json") == [{"id": 7, "name": "x"},
+                                                        {"id": 3, "name": "y"}]
 
 
 def test_new_classes_colliding_with_imported_ids_are_refused(tmp_path, tiny_dataset):

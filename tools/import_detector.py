@@ -31,8 +31,9 @@ def main(argv=None) -> int:
                              "incdet: the layout --config's model settings describe (a state "
                              "dict from tools/export.py --format state_dict)")
     parser.add_argument("--classes", help="JSON: a list of {id, name}, one per output slot "
-                        "('__background__' / 'N/A' for slots that are no class), or a COCO "
-                        "annotation file (slot = category id, torchvision's convention)")
+                        "('__background__' / 'N/A' for slots that are no class), the OUT.json "
+                        "that tools/export.py writes, or a COCO annotation file (slot = "
+                        "category id, torchvision's convention)")
     parser.add_argument("--work-dir", required=True, help="experiment folder (step_0/ is written)")
     parser.add_argument("--config", help="YAML config of the experiment: data and training "
                         "settings (the model settings come from the detector); its validation "

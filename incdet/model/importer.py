@@ -243,8 +243,13 @@ def convert_state(state: dict, mcfg: dict, num_anchors: int, keep: Sequence[int]
 
 def slot_classes(num_slots: int, classes, source: str) -> list[dict | None]:
     """The class of each output slot, from a list of ``{id, name}`` (one per slot; names in
-    :data:`NOT_A_CLASS` mark slots that are no class) or a COCO annotation dict (its
+    :data:`NOT_A_CLASS` mark slots that are no class), incdet's export metadata
+    (``category_ids`` and ``names`` in slot order) or a COCO annotation dict (its
     ``categories``; torchvision's convention: the slot of a class is its category id)."""
+    if isinstance(classes, dict) and "category_ids" in classes and "names" in classes:
+        # the metadata incdet's export writes beside a model (OUT.json): one entry per slot
+        pairs = zip(classes["category_ids"], classes["names"])
+        classes = [{"id": i, "name": n} for i, n in pairs]
     if isinstance(classes, dict) and "categories" in classes:
         cats = classes["categories"]
         if not isinstance(cats, list) or not all(isinstance(c, dict) and "id" in c and "name" in c
