@@ -103,7 +103,7 @@ DEFAULTS: dict[str, Any] = {
         "warmup_factor": 0.001,  # learning-rate factor at iteration 0
         "grad_clip": 10.0,  # max gradient norm (null: off)
         "seed": 0,  # training seed (initialisation, data order, augmentation)
-        "num_workers": 1,
+        "num_workers": 1,  # loader processes, or auto: the free CPU cores (at most 8)
         "threads": None,  # torch intra-op threads (null: torch's default)
         "device": "auto",  # auto | cpu | cuda | cuda:N (under torchrun: one GPU per process)
         "amp": None,  # null | bf16 | fp16: autocast mixed precision (fp16 on CUDA only)

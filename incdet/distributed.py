@@ -59,15 +59,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def global_count(n: int | float, device) -> float:
-    """``n`` averaged over processes (the per-process normaliser that makes DDP's gradient mean
-    equal the whole-batch gradient): ``sum_r n_r / world``."""
+def global_count(n: torch.Tensor) -> torch.Tensor:
+    """A count held on the device (such as foreground anchors) averaged over processes, as a
+    float32 0-dim tensor on that device: the per-process normaliser that makes DDP's gradient
+    mean equal the whole-batch gradient, ``sum_r n_r / world``. Never read back to the host
+    (the reduction is queued on the device's stream)."""
     w = world_size()
     if w == 1:
-        return float(n)
-    t = torch.tensor([float(n)], dtype=torch.float64, device=device)
+        return n.float()
+    t = n.detach().to(torch.float64).reshape(1)
     dist.all_reduce(t)
-    return float(t.item()) / w
+    return (t[0] / w).float()
 
 
 class ShardedBatchSampler(torch.utils.data.Sampler):

@@ -4,11 +4,21 @@
 ``loss_*``) and minimises the weighted sum with weights from ``loss.weights``. Each loss term is
 logged raw and weighted to TensorBoard (every ``train.log_every`` iterations) and as one JSON line
 per epoch in ``log.jsonl``.
+
+Keeping the device fed: the loss terms are summed on the device (:class:`LossSums`) and read back
+only every ``train.log_every`` iterations and at epoch ends. One host synchronisation per
+iteration stays, deliberately: the non-finite check of the total loss, taken after the backward
+pass has been queued (the device works on it meanwhile) and before the optimizer steps, so that a
+non-finite loss never changes the weights and stops training at the iteration it occurred
+(a device-side flag checked every ``log_every`` iterations would need the optimizer step to be
+skipped on the device, and would name the failure late).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import random
 import time
 from dataclasses import dataclass, field
@@ -29,13 +39,60 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+def resolve_device(name: str | torch.device | None = "auto",
+                   key: str = "train.device") -> torch.device:
+    """``auto`` (or None): CUDA when available, else CPU; otherwise the device named. ``key``
+    names the setting in the error raised when CUDA is asked for but missing."""
+    if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device: {name!r} requested but CUDA is not available; use auto "
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{key}: {str(name)!r} requested but CUDA is not available; use auto "
                         "or cpu")
     return torch.device(name)
+
+
+def resolve_num_workers(value) -> int:
+    """``train.num_workers``: a count, or ``auto``: the CPU cores this process may use (divided
+    among the processes of a torchrun launch on this machine), one left for the training loop,
+    at least 1 and at most 8."""
+    if value == "auto":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        return min(8, max(1, cores - 1))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"train.num_workers: {value!r} is not a number of loader processes "
+                        "(0 or more) or auto")
+    return value
+
+
+def precision_name(tcfg: dict, device: torch.device) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: the precision ``train.amp`` trains in."""
+    dtype = autocast_dtype(tcfg, device)
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def device_record(device, tcfg: dict) -> dict:
+    """What a step trained on, for ``metrics.json``: ``device`` (``cpu``, ``cuda:0``), its
+    ``device_name``, the ``precision`` and the ``peak_gpu_memory_gib`` allocated since
+    :func:`reset_peak_memory` (None on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return {"device": f"cuda:{index}", "device_name": torch.cuda.get_device_name(index),
+                "precision": precision_name(tcfg, device),
+                "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(index) / 2**30, 3)}
+    return {"device": device.type, "device_name": platform.processor() or device.type,
+            "precision": precision_name(tcfg, device), "peak_gpu_memory_gib": None}
+
+
+def reset_peak_memory(device) -> None:
+    """Start counting the peak GPU memory of :func:`device_record` afresh (no-op on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def autocast_dtype(tcfg: dict, device: torch.device) -> torch.dtype | None:
@@ -103,6 +160,40 @@ def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -
     return sum(w[k] * v for k, v in losses.items())
 
 
+class LossSums:
+    """Per-epoch sums of the loss terms and the total, kept on the device and read back only
+    when asked. The sums are float64 and add the float32 values one by one, exactly as a Python
+    float sum of their ``.item()`` would."""
+
+    def __init__(self):
+        self.keys: tuple[str, ...] = ()
+        self.device_sums: torch.Tensor | None = None
+        self.host: dict[str, float] = {}
+
+    def add(self, losses: dict[str, torch.Tensor], total: torch.Tensor) -> torch.Tensor:
+        """Add one iteration; returns its values, (len(losses) + 1,) float64, still on the
+        device (the last one is the total)."""
+        keys = tuple(losses) + ("loss",)
+        values = torch.stack([v.detach() for v in losses.values()] + [total.detach()])
+        values = values.to(torch.float64)
+        if keys != self.keys:  # new terms (never within one criterion): start a new sum
+            self._flush()
+            self.keys, self.device_sums = keys, torch.zeros_like(values)
+        self.device_sums += values
+        return values
+
+    def _flush(self) -> None:
+        if self.device_sums is not None:
+            for k, v in zip(self.keys, self.device_sums.tolist()):
+                self.host[k] = self.host.get(k, 0.0) + v
+        self.keys, self.device_sums = (), None
+
+    def sums(self) -> dict[str, float]:
+        """The sums so far, on the host (one synchronisation)."""
+        self._flush()
+        return dict(self.host)
+
+
 @dataclass
 class TrainResult:
     iterations: int = 0
@@ -127,8 +218,11 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
     ``on_checkpoint(epoch, iteration, (epoch_rng_state, batches_done))`` every
     ``train.checkpoint_every`` iterations (checkpointing). ``resume_position`` restores the
     shuffling state of an interrupted epoch and skips the batches it had already trained on.
-    A non-finite loss raises :class:`UserError` with every loss term in the message; nothing is
-    saved for the failing iteration, so the last checkpoint stays the last good one.
+    A non-finite loss raises :class:`UserError` with every loss term in the message before the
+    optimizer steps; nothing is saved for the failing iteration, so the last checkpoint stays the
+    last good one. Loss values are read back from the device every ``train.log_every``
+    iterations (TensorBoard, progress bar) and at epoch ends (``log.jsonl``) only; the
+    finiteness check is the one synchronisation per iteration (module docstring).
     """
     result = TrainResult()
     it, epoch = start_iter, start_epoch
@@ -141,6 +235,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
     device = torch.device(device)
     amp_dtype = autocast_dtype(tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     skip = 0
     if resume_position is not None and shuffle_generator is not None:
         shuffle_generator.set_state(resume_position[0])
@@ -148,7 +243,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
     while it < total_iters:
         model.train()
         keep_frozen_norms(model)
-        sums: dict[str, float] = {}
+        sums = LossSums()
         n_batches, t_epoch, epoch_images = 0, time.perf_counter(), 0
         epoch_rng = shuffle_generator.get_state() if shuffle_generator is not None else None
         for b, (images, targets) in enumerate(loader):
@@ -162,17 +257,17 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
                 losses = loss_fn(images, targets)
             losses = {k: v.float() for k, v in losses.items()}
             total = weighted_total(losses, weights)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            # the one synchronisation of an iteration: the device runs the backward meanwhile
             if not torch.isfinite(total):
                 terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
                 raise UserError(f"non-finite loss at iteration {it} ({terms}); training stopped "
                                 "and the last good checkpoint is kept: lower train.lr or "
                                 "check the data")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
             if clip:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], float(clip))
+                torch.nn.utils.clip_grad_norm_(trainable, float(clip))
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -180,19 +275,18 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
             n_batches += 1
             epoch_images += len(images)
             term_w = loss_weights(losses, weights)
-            values = {k: v.item() for k, v in losses.items()}
-            values["loss"] = total.item()
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if writer is not None and it % log_every == 0:
-                for k, v in losses.items():
-                    writer.add_scalar(f"train_raw/{k}", values[k], it)
-                    writer.add_scalar(f"train_weighted/{k}", term_w[k] * values[k], it)
-                writer.add_scalar("train/loss", values["loss"], it)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], it)
+            on_device = sums.add(losses, total)
+            if it % log_every == 0:
+                values = dict(zip(list(losses) + ["loss"], on_device.tolist()))
+                if writer is not None:
+                    for k in losses:
+                        writer.add_scalar(f"train_raw/{k}", values[k], it)
+                        writer.add_scalar(f"train_weighted/{k}", term_w[k] * values[k], it)
+                    writer.add_scalar("train/loss", values["loss"], it)
+                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], it)
+                bar.set_postfix(loss=f"{values['loss']:.3f}",
+                                lr=f"{optimizer.param_groups[0]['lr']:.2g}")
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.3f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.2g}")
             if it >= total_iters:
                 break
             if every and on_checkpoint is not None and it % every == 0:
@@ -205,9 +299,10 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
         line = {"epoch": epoch, "iteration": it, "lr": optimizer.param_groups[0]["lr"],
                 "seconds": round(seconds, 2),
                 "images_per_second": round(epoch_images / max(seconds, 1e-9), 2)}
-        line.update({f"{k}": round(v / n_batches, 5) for k, v in sums.items()})
+        epoch_sums = sums.sums()
+        line.update({f"{k}": round(v / n_batches, 5) for k, v in epoch_sums.items()})
         line.update({f"{k}_weighted": round(term_w[k] * v / n_batches, 5)
-                     for k, v in sums.items() if k != "loss"})
+                     for k, v in epoch_sums.items() if k != "loss"})
         result.epochs.append(line)
         if log_dir is not None:  # None on the non-main processes of a distributed run
             with open(log_dir / "log.jsonl", "a") as f:

@@ -8,6 +8,8 @@
   torchvision's), one fused classifier per tower.
 * :func:`load_detector` rebuilds that model from an incdet checkpoint with its class metadata
   attached (``model.incdet_meta``); :class:`Detector` wraps it for ``predict(image or path)``.
+  Both run on the device they are given (default ``auto``: CUDA when available, else CPU), never
+  on the ``train.device`` saved in the checkpoint.
 * :func:`export` writes ``F`` (TorchScript or ONNX) and ``F.json`` (metadata). The exported
   program takes one RGB float image in [0, 1], shape (3, H, W), and returns ``boxes`` (R, 4) xyxy in
   input pixels, ``scores`` (R,) and ``category_ids`` (R,): dataset category ids, not label indices.
@@ -180,14 +182,17 @@ def metadata(ckpt: dict) -> dict:
             "input": INPUT, "outputs": OUTPUTS}
 
 
-def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -> RetinaNet:
+def load_detector(path: str | os.PathLike,
+                  device: str | torch.device | None = "auto") -> RetinaNet:
     """A torchvision RetinaNet in eval mode from an incdet checkpoint (``step_<t>/checkpoint.pt``),
-    ready for ``model([image])``. ``model.incdet_meta`` holds ``category_ids`` and ``names`` in
-    label order (label ``i`` is category ``category_ids[i]``), the step history and the score
-    threshold."""
+    ready for ``model([image])``, on ``device`` (``auto``: CUDA when available, else CPU).
+    ``model.incdet_meta`` holds ``category_ids`` and ``names`` in label order (label ``i`` is
+    category ``category_ids[i]``), the step history and the score threshold."""
     from incdet.checkpoint import load_checkpoint
+    from incdet.engine import resolve_device
     from incdet.step import model_from_checkpoint
 
+    device = resolve_device(device, "device")
     ckpt = load_checkpoint(path)
     model = to_torchvision(model_from_checkpoint(ckpt, source=path)).to(device)
     model.incdet_meta = metadata(ckpt)
@@ -198,16 +203,22 @@ class Detector:
     """``Detector(path).predict(image)`` -> ``[(category_id, name, score, [x0, y0, x1, y1])]``.
 
     ``image``: a file path, a PIL image, an HxWx3 uint8 array or a (3, H, W) float tensor in [0, 1].
+    ``device``: where the model runs (``auto``: CUDA when available, else CPU; with a ``model``
+    given, ``auto`` keeps it where it is).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, model: RetinaNet | None = None,
-                 device: str = "cpu", score_thresh: float | None = None):
+                 device: str | torch.device | None = "auto", score_thresh: float | None = None):
+        from incdet.engine import resolve_device
+
         if model is None:
             if path is None:
                 raise ValueError("give a checkpoint path or a model from load_detector")
             model = load_detector(path, device)
+        elif device is not None and device != "auto":
+            model = model.to(resolve_device(device, "device"))
         self.model = model.eval()
-        self.device = device
+        self.device = next(model.parameters()).device
         self.meta = model.incdet_meta
         self.score_thresh = self.meta["score_thresh"] if score_thresh is None else score_thresh
 
@@ -281,8 +292,8 @@ def compare(reference: Sequence[tuple], candidate: Sequence[tuple], rtol: float 
             atol: float = 1e-2) -> str | None:
     """None when two lists of ``(boxes, scores, ids)`` agree; otherwise a description."""
     for i, (ref, got) in enumerate(zip(reference, candidate)):
-        rb, rs, ri = (torch.as_tensor(v) for v in ref)
-        gb, gs, gi = (torch.as_tensor(v) for v in got)
+        rb, rs, ri = (torch.as_tensor(v).cpu() for v in ref)
+        gb, gs, gi = (torch.as_tensor(v).cpu() for v in got)
         if rb.shape != gb.shape:
             return f"image {i}: {len(rb)} detections from the eager model, {len(gb)} exported"
         if not torch.equal(ri.long(), gi.long()):
@@ -299,31 +310,40 @@ def compare(reference: Sequence[tuple], candidate: Sequence[tuple], rtol: float 
 
 
 def export(ckpt_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
-           opset: int = 17, check_images: Sequence[torch.Tensor] | None = None) -> dict:
-    """Write ``out`` (TorchScript or ONNX) and ``out.json``; returns the metadata written."""
+           opset: int = 17, check_images: Sequence[torch.Tensor] | None = None,
+           device: str | torch.device | None = "auto") -> dict:
+    """Write ``out`` (TorchScript or ONNX) and ``out.json``; returns the metadata written.
+
+    The file holds CPU weights (it loads on any machine). ``device`` (``auto``: CUDA when
+    available, else CPU) is where a TorchScript file is checked against the eager model; an
+    ONNX file is checked with onnxruntime's CPU provider, on CPU."""
+    from incdet.engine import resolve_device
+
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    check_device = resolve_device(device, "device") if fmt == "torchscript" else \
+        torch.device("cpu")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = load_detector(ckpt_path)
+    model = load_detector(ckpt_path, "cpu")
     meta = dict(model.incdet_meta, format=fmt, file=out.name,
                 source_checkpoint=str(ckpt_path))
     module = ExportModule(model, meta["category_ids"]).eval()
     images = list(check_images) if check_images is not None else sample_images()
-    with torch.no_grad():
-        reference = [module(img) for img in images]
     tmp = out.with_name(out.name + ".tmp")
     try:
         if fmt == "torchscript":
             with quiet_warnings():
-                scripted = torch.jit.script(module)
-                scripted.save(str(tmp))
-                loaded = torch.jit.load(str(tmp))
+                torch.jit.script(module).save(str(tmp))
+                loaded = torch.jit.load(str(tmp), map_location=check_device)
                 with torch.no_grad():
-                    got = [loaded(img) for img in images]
+                    got = [loaded(img.to(check_device)) for img in images]
         else:
             _export_onnx(module, images[0], tmp, opset)
             got = run_onnx(tmp, images)
+        module.to(check_device)  # the file is written: the eager reference runs beside it
+        with torch.no_grad():
+            reference = [module(img.to(check_device)) for img in images]
         problem = compare(reference, got)
         if problem is not None:
             raise UserError(f"{out}: the exported {fmt} model disagrees with the eager model "
@@ -374,17 +394,23 @@ def run_onnx(path: str | os.PathLike, images: Sequence[torch.Tensor]) -> list[tu
 
 class Runner:
     """One image tensor in, ``(boxes, scores, category_ids)`` numpy arrays out, from an incdet
-    checkpoint (eager), a TorchScript file or an ONNX file; ``meta`` is the class metadata."""
+    checkpoint (eager), a TorchScript file or an ONNX file; ``meta`` is the class metadata.
+    ``device`` (``auto``: CUDA when available, else CPU) runs checkpoints and TorchScript files;
+    ONNX files run on onnxruntime's CPU provider."""
 
     def __init__(self, checkpoint: str | os.PathLike | None = None,
-                 model: str | os.PathLike | None = None):
+                 model: str | os.PathLike | None = None,
+                 device: str | torch.device | None = "auto"):
+        from incdet.engine import resolve_device
+
         if (checkpoint is None) == (model is None):
             raise UserError("give exactly one of --checkpoint and --model")
         if checkpoint is not None:
-            detector = load_detector(checkpoint)
+            self.device = resolve_device(device, "device")
+            detector = load_detector(checkpoint, self.device)
             self.meta = detector.incdet_meta
-            module = ExportModule(detector, self.meta["category_ids"]).eval()
-            self._fn = lambda img: module(img)
+            module = ExportModule(detector, self.meta["category_ids"]).to(self.device).eval()
+            self._fn = lambda img: module(img.to(self.device))
             self.backend = "eager"
             return
         path = Path(model)
@@ -392,21 +418,22 @@ class Runner:
             raise UserError(f"{path}: model file not found; export one with tools/export.py")
         self.meta = read_metadata(path)
         if path.suffix == ".onnx":
+            self.device = torch.device("cpu")
             session = onnx_session(path)
-            self._fn = lambda img: session.run(None, {"image": img.numpy()})
+            self._fn = lambda img: session.run(None, {"image": img.cpu().numpy()})
             self.backend = "onnxruntime"
         else:
+            self.device = resolve_device(device, "device")
             with quiet_warnings():
-                module = torch.jit.load(str(path))
-            self._fn = lambda img: module(img)
+                module = torch.jit.load(str(path), map_location=self.device)
+            self._fn = lambda img: module(img.to(self.device))
             self.backend = "torchscript"
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor):
         with quiet_warnings():
             boxes, scores, ids = self._fn(image)
-        return (torch.as_tensor(boxes).numpy(), torch.as_tensor(scores).numpy(),
-                torch.as_tensor(ids).numpy())
+        return tuple(torch.as_tensor(v).cpu().numpy() for v in (boxes, scores, ids))
 
 
 def read_metadata(model_path: str | os.PathLike) -> dict:

@@ -5,89 +5,193 @@ box regression loss. Each returns a scalar; :class:`DetectionLoss` returns ``{"l
 Missing annotations: an image's ``label_space`` lists the label indices it is annotated for. The
 focal loss gives background targets only on those channels, so an unlabelled object of another
 class is never taught as background (README, "Missing annotations").
+
+Everything is batched over the images of a batch (no Python loop per image on the hot path): the
+targets are padded to the batch's largest box count (:func:`pad_targets`), the anchors of all
+images are matched with one (N, M, A) IoU tensor (:func:`match_anchors`, torchvision's
+``Matcher`` semantics exactly), and the losses gather the matched boxes and labels from the padded
+targets. Foreground counts stay on the device; the only host synchronisation is the ``nonzero``
+that gathers the foreground anchors of the box loss (:func:`giou_loss_sum` needs none, unlike
+torchvision's ``generalized_box_iou_loss``, which indexes with boolean masks).
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
+
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.models.detection import _utils as det_utils
-from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from incdet.distributed import global_count
 from incdet.errors import check_choice
 
 BETWEEN_THRESHOLDS = det_utils.Matcher.BETWEEN_THRESHOLDS
+BELOW_LOW_THRESHOLD = det_utils.Matcher.BELOW_LOW_THRESHOLD
+# the largest IoU tensor (images x boxes x anchors) computed at once: 2**25 floats, 128 MiB, and
+# box_iou's intermediates a few times that (a COCO batch is matched a few images at a time, the
+# CPU preset's in one go)
+IOU_BUDGET = 2 ** 25
 
 
-def match_anchors(matcher, anchors: list[torch.Tensor], targets: list[dict]) -> list[torch.Tensor]:
-    """Per image, the index of the matched target box per anchor: (HWA,), -1 background,
-    -2 between thresholds (ignored)."""
-    out = []
-    for anchors_per_image, t in zip(anchors, targets):
-        if t["boxes"].numel() == 0:
-            out.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64,
-                                  device=anchors_per_image.device))
-        else:
-            out.append(matcher(box_iou(t["boxes"], anchors_per_image)))
-    return out
+class PaddedTargets(NamedTuple):
+    """The targets of N images padded to the batch's largest box count M."""
+
+    boxes: torch.Tensor  # (N, M, 4) xyxy; padding: zeros
+    labels: torch.Tensor  # (N, M) label indices; padding: 0
+    valid: torch.Tensor  # (N, M) bool: a real box
+
+    def select(self, index: torch.Tensor) -> PaddedTargets:
+        """The images ``index`` (a 1-D long tensor)."""
+        return PaddedTargets(*(v.index_select(0, index) for v in self))
 
 
-def label_space_mask(targets: list[dict], num_classes: int, device) -> torch.Tensor:
-    """(N, K) bool: channel k is annotated on image n."""
+def pad_targets(targets: Sequence[dict], device=None) -> PaddedTargets:
+    """``boxes`` and ``labels`` of every target padded to the largest box count of the batch.
+    ``device``: where an empty batch's tensors go (otherwise the targets' device)."""
+    if not targets:
+        return PaddedTargets(torch.zeros(0, 0, 4, device=device),
+                             torch.zeros(0, 0, dtype=torch.int64, device=device),
+                             torch.zeros(0, 0, dtype=torch.bool, device=device))
+    boxes = pad_sequence([t["boxes"] for t in targets], batch_first=True)
+    # labels are >= 0 (RetinaNet has no background channel): -1 marks the padding
+    labels = pad_sequence([t["labels"] for t in targets], batch_first=True, padding_value=-1)
+    valid = labels >= 0
+    return PaddedTargets(boxes, labels.clamp(min=0), valid)
+
+
+def _as_batch(per_image, shape_tail: tuple, device, dtype) -> torch.Tensor:
+    """A list of equally shaped per-image tensors as one (N, ...) tensor (a tensor: as it is)."""
+    if torch.is_tensor(per_image):
+        return per_image
+    if len(per_image) == 0:
+        return torch.zeros((0, *shape_tail), dtype=dtype, device=device)
+    return torch.stack(list(per_image))
+
+
+def _match(matcher, anchors: torch.Tensor, boxes: torch.Tensor,
+           valid: torch.Tensor) -> torch.Tensor:
+    """(n, A, 4) anchors, (n, M, 4) boxes, (n, M) valid -> (n, A) matches (M >= 1).
+
+    The padding boxes (zeros, after the real ones) have IoU 0 with every anchor: they never
+    beat a real box (the first best box wins ties, as in ``Matcher``), and an image that has
+    only padding is set to background at the end."""
+    iou = box_iou(boxes, anchors)  # (n, M, A)
+    vals, best = iou.max(dim=1)  # the best box of each anchor (the first one on ties)
+    matches = torch.where(vals < matcher.low_threshold, BELOW_LOW_THRESHOLD,
+                          torch.where(vals < matcher.high_threshold, BETWEEN_THRESHOLDS, best))
+    if matcher.allow_low_quality_matches:
+        # every anchor that is the best (ties included) of some box keeps its best box, however
+        # low the IoU (torchvision's Matcher.set_low_quality_matches_); NaN: padding is no box
+        best_iou = iou.amax(dim=2, keepdim=True).masked_fill(~valid[:, :, None], float("nan"))
+        matches = torch.where((iou == best_iou).any(dim=1), best, matches)
+    return torch.where(valid.any(dim=1, keepdim=True), matches, BELOW_LOW_THRESHOLD)
+
+
+def match_anchors(matcher, anchors, targets: Sequence[dict],
+                  padded: PaddedTargets | None = None) -> torch.Tensor:
+    """(N, HWA) index of the matched target box per anchor, all images at once: -1 background,
+    -2 between thresholds (ignored). Equal to torchvision's ``Matcher`` (its thresholds and
+    ``allow_low_quality_matches``) applied image by image to ``box_iou(boxes, anchors)``; an
+    image without boxes is all background.
+
+    ``anchors``: (N, HWA, 4), or a list of N (HWA, 4) (RetinaNet's: the same HWA for every image
+    of a batch). ``padded``: :func:`pad_targets` of ``targets``, when the caller has it."""
+    anchors = _as_batch(anchors, (0, 4), None, torch.float32)
+    if padded is None:
+        padded = pad_targets(targets, anchors.device)
+    n, a = anchors.shape[:2]
+    m = padded.boxes.shape[1]
+    if m == 0:
+        return torch.full((n, a), BELOW_LOW_THRESHOLD, dtype=torch.int64, device=anchors.device)
+    step = max(1, IOU_BUDGET // (m * a))
+    if step >= n:
+        return _match(matcher, anchors, padded.boxes, padded.valid)
+    return torch.cat([_match(matcher, anchors[i:i + step], padded.boxes[i:i + step],
+                             padded.valid[i:i + step]) for i in range(0, n, step)])
+
+
+def label_space_mask(targets: Sequence[dict], num_classes: int, device) -> torch.Tensor:
+    """(N, K) bool: channel k is annotated on image n (every channel when a target has no
+    ``label_space``)."""
     mask = torch.zeros(len(targets), num_classes, dtype=torch.bool, device=device)
-    for i, t in enumerate(targets):
-        space = t.get("label_space")
-        if space is None:
-            mask[i] = True
-        else:
-            mask[i, space.to(device)] = True
+    spaces = [t.get("label_space") for t in targets]
+    given = [i for i, s in enumerate(spaces) if s is not None]
+    if given:
+        rows = torch.tensor([i for i in given for _ in range(len(spaces[i]))],
+                            dtype=torch.int64, device=device)
+        cols = torch.cat([spaces[i] for i in given]).to(device)
+        mask[rows, cols] = True
+    if len(given) < len(targets):
+        mask[[i for i, s in enumerate(spaces) if s is None]] = True
     return mask
 
 
-def masked_focal_loss(cls_logits: torch.Tensor, targets: list[dict],
-                      matched_idxs: list[torch.Tensor], alpha: float = 0.25,
-                      gamma: float = 2.0) -> torch.Tensor:
+def masked_focal_loss(cls_logits: torch.Tensor, targets: Sequence[dict], matched_idxs,
+                      alpha: float = 0.25, gamma: float = 2.0,
+                      padded: PaddedTargets | None = None) -> torch.Tensor:
     """Sigmoid focal loss over (N, HWA, K) logits, restricted per image to its label space,
     normalised by the number of foreground anchors in the batch (the global batch under
-    several processes, see :mod:`incdet.distributed`)."""
+    several processes, see :mod:`incdet.distributed`). ``matched_idxs``: (N, HWA), or a list of
+    (HWA,), as :func:`match_anchors` gives."""
     n, hwa, k = cls_logits.shape
+    device = cls_logits.device
+    matched = _as_batch(matched_idxs, (hwa,), device, torch.int64)
+    if padded is None:
+        padded = pad_targets(targets, device)
+    fg = matched >= 0  # (N, HWA)
     gt = torch.zeros_like(cls_logits)
-    valid = torch.zeros(n, hwa, dtype=torch.bool, device=cls_logits.device)
-    num_fg = 0
-    for i, (t, m) in enumerate(zip(targets, matched_idxs)):
-        fg = m >= 0
-        num_fg += int(fg.sum())
-        gt[i, fg, t["labels"][m[fg]]] = 1.0
-        valid[i] = m != BETWEEN_THRESHOLDS
+    if padded.labels.shape[1]:
+        labels = padded.labels.gather(1, matched.clamp(min=0))  # (N, HWA): the matched box's
+        gt.scatter_(2, labels[:, :, None], fg[:, :, None].to(gt.dtype))
+    valid = matched != BETWEEN_THRESHOLDS
     # positives always count (a pseudo-label may be of a class outside the label space)
-    weight = (valid[:, :, None] & label_space_mask(targets, k, cls_logits.device)[:, None, :]) \
-        | (gt > 0)
+    weight = (valid[:, :, None] & label_space_mask(targets, k, device)[:, None, :]) | (gt > 0)
     loss = sigmoid_focal_loss(cls_logits, gt, alpha=alpha, gamma=gamma, reduction="none")
-    return (loss * weight).sum() / max(1.0, global_count(num_fg, cls_logits.device))
+    return (loss * weight).sum() / global_count(fg.sum()).clamp(min=1.0)
 
 
-def box_regression_loss(bbox_regression: torch.Tensor, anchors: list[torch.Tensor],
-                        targets: list[dict], matched_idxs: list[torch.Tensor], box_coder,
-                        kind: str = "giou") -> torch.Tensor:
+def giou_loss_sum(boxes: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Sum over rows of ``1 - GIoU`` of (F, 4) xyxy ``boxes`` and ``target``: the value of
+    torchvision's ``generalized_box_iou_loss(..., reduction="sum")``, with the intersection
+    clamped at zero instead of computed under a boolean mask (no host synchronisation)."""
+    x1, y1, x2, y2 = boxes.unbind(dim=-1)
+    x1g, y1g, x2g, y2g = target.unbind(dim=-1)
+    inter = (torch.min(x2, x2g) - torch.max(x1, x1g)).clamp(min=0) * \
+        (torch.min(y2, y2g) - torch.max(y1, y1g)).clamp(min=0)
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    iou = inter / (union + eps)
+    enclosing = (torch.max(x2, x2g) - torch.min(x1, x1g)) * \
+        (torch.max(y2, y2g) - torch.min(y1, y1g))
+    return (1 - (iou - (enclosing - union) / (enclosing + eps))).sum()
+
+
+def box_regression_loss(bbox_regression: torch.Tensor, anchors, targets: Sequence[dict],
+                        matched_idxs, box_coder, kind: str = "giou",
+                        padded: PaddedTargets | None = None) -> torch.Tensor:
     """Regression loss over foreground anchors (``giou`` on decoded boxes, or ``l1`` /
-    ``smooth_l1`` on encoded deltas), normalised by the number of foreground anchors."""
-    total = bbox_regression.sum() * 0.0
-    num_fg = 0
-    for reg, anc, t, m in zip(bbox_regression, anchors, targets, matched_idxs):
-        fg = torch.where(m >= 0)[0]
-        if fg.numel() == 0:
-            continue
-        num_fg += fg.numel()
-        gt_boxes = t["boxes"][m[fg]]
-        if kind == "giou":
-            pred = box_coder.decode_single(reg[fg], anc[fg])
-            total = total + generalized_box_iou_loss(pred, gt_boxes, reduction="sum")
-        else:
-            target = box_coder.encode_single(gt_boxes, anc[fg])
-            fn = torch.nn.functional.l1_loss if kind == "l1" else \
-                torch.nn.functional.smooth_l1_loss
-            kwargs = {} if kind == "l1" else {"beta": 1.0 / 9}
-            total = total + fn(reg[fg], target, reduction="sum", **kwargs)
-    return total / max(1.0, global_count(num_fg, bbox_regression.device))
+    ``smooth_l1`` on encoded deltas), normalised by the number of foreground anchors.
+    ``anchors``: (N, HWA, 4) or a list of (HWA, 4); ``matched_idxs`` as for
+    :func:`masked_focal_loss`."""
+    n, hwa, _ = bbox_regression.shape
+    device = bbox_regression.device
+    anchors = _as_batch(anchors, (hwa, 4), device, bbox_regression.dtype)
+    matched = _as_batch(matched_idxs, (hwa,), device, torch.int64)
+    if padded is None:
+        padded = pad_targets(targets, device)
+    fg = matched >= 0
+    image, anchor = fg.nonzero(as_tuple=True)  # (F,) each; one host synchronisation
+    reg, anc = bbox_regression[image, anchor], anchors[image, anchor]  # (F, 4)
+    gt_boxes = padded.boxes[image, matched[image, anchor]]
+    if kind == "giou":
+        total = giou_loss_sum(box_coder.decode_single(reg, anc), gt_boxes)
+    else:
+        target = box_coder.encode_single(gt_boxes, anc)
+        fn = torch.nn.functional.l1_loss if kind == "l1" else \
+            torch.nn.functional.smooth_l1_loss
+        kwargs = {} if kind == "l1" else {"beta": 1.0 / 9}
+        total = fn(reg, target, reduction="sum", **kwargs)
+    return total / global_count(fg.sum()).clamp(min=1.0)
 
 
 class DetectionLoss:
@@ -107,28 +211,37 @@ class DetectionLoss:
         self.matcher = matcher
         self.replay_weight = replay_weight
 
-    def __call__(self, head_outputs: dict, anchors: list[torch.Tensor], targets: list[dict],
-                 matched_idxs: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, head_outputs: dict, anchors, targets: list[dict],
+                 matched_idxs=None) -> dict[str, torch.Tensor]:
+        """``anchors``: a list of N (HWA, 4) or (N, HWA, 4); ``matched_idxs``: (N, HWA) or a
+        list of (HWA,) (default: :func:`match_anchors`)."""
+        device = head_outputs["cls_logits"].device
+        n, hwa = head_outputs["cls_logits"].shape[:2]
+        anchors = _as_batch(anchors, (hwa, 4), device, torch.float32)
+        padded = pad_targets(targets, device)
         if matched_idxs is None:
-            matched_idxs = match_anchors(self.matcher, anchors, targets)
+            matched = match_anchors(self.matcher, anchors, targets, padded)
+        else:
+            matched = _as_batch(matched_idxs, (hwa,), device, torch.int64)
         if self.replay_weight is None:
-            return self._pooled(head_outputs, anchors, targets, matched_idxs)
+            return self._pooled(head_outputs, anchors, targets, matched, padded)
         replayed = [bool(t.get("replayed", False)) for t in targets]
         # both parts are always computed (possibly empty), so that every process of a
         # distributed run takes part in the same foreground-count reductions
         parts = []
         for flag in (False, True):
             idx = [i for i, r in enumerate(replayed) if r == flag]
-            sel = torch.tensor(idx, dtype=torch.long, device=head_outputs["cls_logits"].device)
+            sel = torch.tensor(idx, dtype=torch.long, device=device)
             parts.append(self._pooled({k: v.index_select(0, sel) for k, v in head_outputs.items()},
-                                      [anchors[i] for i in idx], [targets[i] for i in idx],
-                                      [matched_idxs[i] for i in idx]))
+                                      anchors.index_select(0, sel), [targets[i] for i in idx],
+                                      matched.index_select(0, sel), padded.select(sel)))
         return {k: parts[0][k] + self.replay_weight * parts[1][k] for k in parts[0]}
 
-    def _pooled(self, head_outputs, anchors, targets, matched_idxs) -> dict[str, torch.Tensor]:
+    def _pooled(self, head_outputs, anchors, targets, matched, padded) -> dict[str, torch.Tensor]:
         return {
-            "loss_cls": masked_focal_loss(head_outputs["cls_logits"], targets, matched_idxs,
-                                          self.cfg["focal_alpha"], self.cfg["focal_gamma"]),
+            "loss_cls": masked_focal_loss(head_outputs["cls_logits"], targets, matched,
+                                          self.cfg["focal_alpha"], self.cfg["focal_gamma"],
+                                          padded),
             "loss_box": box_regression_loss(head_outputs["bbox_regression"], anchors, targets,
-                                            matched_idxs, self.box_coder, self.cfg["box"]),
+                                            matched, self.box_coder, self.cfg["box"], padded),
         }

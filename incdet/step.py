@@ -28,7 +28,16 @@ from incdet.data.records import filter_for_classes
 from incdet.data.sampler import MixedBatchSampler, check_replay_mode
 from incdet.data.sources import ensure_builtin, load_subset
 from incdet.data.transforms import build_train_transform
-from incdet.engine import build_optimizer, build_scheduler, resolve_device, seed_everything, train
+from incdet.engine import (
+    build_optimizer,
+    build_scheduler,
+    device_record,
+    reset_peak_memory,
+    resolve_device,
+    resolve_num_workers,
+    seed_everything,
+    train,
+)
 from incdet.errors import UserError
 from incdet.evaluation import evaluate_model, format_table
 from incdet.io import atomic_write_json
@@ -85,6 +94,7 @@ def train_loader(cfg: dict, classes: ClassSpace, records, label_space, memory: M
                                build_train_transform(cfg["augment"]),
                                num_replayed=len(mem_records))
     bs = int(tcfg["batch_size"])
+    workers = resolve_num_workers(tcfg["num_workers"])
     world, rank = dist.world_size(), dist.rank()
     generator = torch.Generator()
     generator.manual_seed(int(tcfg["seed"]) + seed)
@@ -102,10 +112,10 @@ def train_loader(cfg: dict, classes: ClassSpace, records, label_space, memory: M
     if sampler is not None:
         if world > 1:  # every process draws the same global batches and keeps its slice
             sampler = dist.ShardedBatchSampler(sampler, rank, world)
-        loader = make_loader(dataset, bs, shuffle=False, num_workers=int(tcfg["num_workers"]),
+        loader = make_loader(dataset, bs, shuffle=False, num_workers=workers,
                              seed=int(tcfg["seed"]) + seed + 7919 * rank, batch_sampler=sampler)
     else:
-        loader = make_loader(dataset, bs, shuffle=True, num_workers=int(tcfg["num_workers"]),
+        loader = make_loader(dataset, bs, shuffle=True, num_workers=workers,
                              seed=int(tcfg["seed"]) + seed, drop_last=len(dataset) > bs)
     loader.worker_init_fn = _seed_worker
     return loader
@@ -209,6 +219,8 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg["threads"]))
     device = resolve_device(dist.setup(tcfg["device"]))
+    reset_peak_memory(device)  # metrics.json reports this step's peak
+    workers = resolve_num_workers(tcfg["num_workers"])
     main = dist.is_main()
     progress = progress and main
     seed_everything(int(tcfg["seed"]) + t)
@@ -322,7 +334,7 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
             ev = evaluate_model(student, val_set.records, val_set.categories,
                                 classes.order[:len(sc.seen)], metric_groups(classes, t),
                                 int(cfg["eval"]["batch_size"]), device,
-                                num_workers=int(tcfg["num_workers"]), progress=False)
+                                num_workers=workers, progress=False)
             with open(curve_path, "a") as f:
                 f.write(json.dumps({"iteration": iteration, "AP": ev["groups"]["all"]["AP"]})
                         + "\n")
@@ -356,7 +368,7 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
         evaluation = evaluate_model(student, val_set.records, val_set.categories,
                                     classes.order[:len(sc.seen)], groups,
                                     int(cfg["eval"]["batch_size"]), device,
-                                    num_workers=int(tcfg["num_workers"]), progress=progress)
+                                    num_workers=workers, progress=progress)
         for name, m in evaluation["groups"].items():
             for k, v in m.items():
                 if v is not None:
@@ -378,7 +390,7 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
         "forgetting": _forgetting(history, evaluation["groups"], t),
         "train": {"seconds": round(result.seconds, 2), "iterations": result.iterations,
                   "images_per_second": round(result.images_per_second, 2),
-                  "images": len(dataset)},
+                  "images": len(dataset), **device_record(device, tcfg)},
     }
     if method == "joint":  # which reference this is: equal compute (default) or one step
         metrics["joint_budget"] = cfg["incremental"].get("joint_budget", "equal")
@@ -454,11 +466,15 @@ def model_from_checkpoint(ckpt: dict, cfg: dict | None = None, source: str = "ch
 
 
 def evaluate_checkpoint(ckpt_path: str | Path, cfg: dict | None = None,
-                        progress: bool = True,
-                        overrides: list[str] | None = None) -> tuple[dict, ClassSpace]:
+                        progress: bool = True, overrides: list[str] | None = None,
+                        device: str | torch.device | None = "auto") -> tuple[dict, ClassSpace]:
     """Evaluate a step's checkpoint on the validation set of ``cfg`` (default: the config saved
     in the checkpoint, with ``overrides``, ``key=value`` items as ``--set`` takes them, applied
-    to it). Returns the evaluation (groups and per-class AP) and the class space."""
+    to it). Returns the evaluation (groups and per-class AP) and the class space.
+
+    ``device``: where to evaluate (``auto``: CUDA when available, else CPU), never the
+    ``train.device`` the checkpoint was trained with: a model trained on a GPU evaluates on a
+    machine without one."""
     ckpt = load_checkpoint(ckpt_path)
     if cfg is None:
         cfg = with_defaults(ckpt["config"])
@@ -468,7 +484,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, cfg: dict | None = None,
     _, val_set, classes = load_experiment(cfg, progress)
     t = int(ckpt["step"])
     check_compatible(ckpt, ckpt_path, list(classes.order), [list(s) for s in classes.steps], t)
-    device = resolve_device(cfg["train"]["device"])
+    device = resolve_device(device, "device")
     model = model_from_checkpoint(ckpt, cfg, ckpt_path).to(device)
     sc = classes.step(t)
     evaluation = evaluate_model(model, val_set.records, val_set.categories,

@@ -127,3 +127,69 @@ def test_mixed_precision_and_channels_last_options(tiny_config, tmp_path):
         run_step(bad, 0, tmp_path / "b", progress=False)
     with pytest.raises(UserError, match="train.amp: 'fp8' is not one of"):
         run_step(load_config(tiny_config, ["train.amp=fp8"]), 0, tmp_path / "c", progress=False)
+
+
+def test_num_workers_auto_is_the_free_cores_at_most_eight(monkeypatch):
+    import os
+
+    from incdet.engine import resolve_num_workers
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores, expected in ((1, 1), (2, 1), (4, 3), (16, 8), (64, 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)),
+                            raising=False)
+        assert resolve_num_workers("auto") == expected
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 processes share the 16 cores
+    assert resolve_num_workers("auto") == 3
+    assert resolve_num_workers(0) == 0 and resolve_num_workers(5) == 5
+    for bad in (-1, "four", 1.5, True):
+        with pytest.raises(UserError, match=r"train.num_workers: .* or auto"):
+            resolve_num_workers(bad)
+
+
+def test_loss_terms_are_read_back_every_log_every_and_at_epoch_ends(tmp_path, monkeypatch):
+    """The log's per-epoch means are exactly the Python float means of every iteration's
+    values, though the loop reads values back only every ``log_every`` iterations."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    values = [(float(np.float32(0.1 * i + 1 / 3)), float(np.float32(2.0 / (i + 7))))
+              for i in range(7)]
+    calls = []
+
+    def loss_fn(images, targets):
+        cls, box = values[len(calls) % 7]
+        calls.append(1)
+        out = model(images[0]).sum() * 0
+        return {"loss_cls": out + cls, "loss_box": out + box}
+
+    reads = {"item": 0, "tolist": 0}
+    for name in reads:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            reads[_name] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    loader = [([torch.ones(2)], [{}])] * 7
+    tcfg = dict(DEFAULTS["train"], log_every=3, grad_clip=None)
+    weights = {"loss_cls": 1.0, "loss_box": 0.5}
+    result = train(model, loss_fn, loader, optimizer, scheduler, tcfg, weights, 14, "cpu",
+                   tmp_path, progress=False)
+    monkeypatch.undo()
+    # iterations 3, 6, 9, 12 (log_every) and the two epoch ends; never .item() per iteration
+    assert reads == {"item": 0, "tolist": 6}
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert lines == result.epochs and len(lines) == 2
+    for line in lines:
+        sums = {"loss_cls": 0.0, "loss_box": 0.0, "loss": 0.0}
+        for cls, box in values:
+            sums["loss_cls"] += cls
+            sums["loss_box"] += box
+            sums["loss"] += float(torch.tensor(cls) * 1.0 + torch.tensor(box) * 0.5)
+        for k, v in sums.items():
+            assert line[k] == round(v / 7, 5)
+        assert line["loss_box_weighted"] == round(0.5 * sums["loss_box"] / 7, 5)

@@ -177,3 +177,23 @@ def test_infer_tool_writes_results_and_drawings(grown_checkpoint, tmp_path, tiny
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no.onnx: model file not found" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_checkpoint_trained_on_cuda_loads_where_there_is_none(grown_checkpoint, tmp_path):
+    from incdet.export import Runner
+
+    ckpt = load_checkpoint(grown_checkpoint)
+    ckpt["config"]["train"]["device"] = "cuda"
+    path = tmp_path / "cuda.pt"
+    save_checkpoint(path, ckpt)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_detector(path)  # auto: where this machine can run it
+    assert next(model.parameters()).device.type == expected
+    assert next(load_detector(path, "cpu").parameters()).device.type == "cpu"
+    det = Detector(path, score_thresh=0.0)
+    assert det.device.type == expected and len(det.predict(sample_images(SIZES)[0])) == 30
+    boxes, scores, ids = Runner(checkpoint=path, device="cpu")(sample_images(SIZES)[0])
+    assert isinstance(boxes, np.ndarray) and len(boxes) == len(scores) == len(ids) == 30
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="device: 'cuda' requested but CUDA is not available"):
+            load_detector(path, "cuda")

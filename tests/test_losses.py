@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from incdet.losses import masked_focal_loss
@@ -113,3 +114,157 @@ def test_replay_weight_is_the_memory_share_of_the_batch():
     with pytest.raises(UserError, match="memory.replay_loss: 'mean' is not one of pooled, "
                                         "separate"):
         replay_weight(cfg)
+
+
+# Per-image references: what the batched functions replace, written image by image on top of
+# torchvision's own Matcher and box_iou.
+def _match_per_image(matcher, anchors, targets):
+    from torchvision.ops import box_iou
+
+    out = []
+    for anc, t in zip(anchors, targets):
+        if t["boxes"].numel() == 0:
+            out.append(torch.full((anc.size(0),), -1, dtype=torch.int64))
+        else:
+            out.append(matcher(box_iou(t["boxes"], anc)))
+    return out
+
+
+def _losses_per_image(outputs, anchors, targets, matched, box_coder, kind, alpha=0.25, gamma=2.0):
+    from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+
+    logits, regression = outputs["cls_logits"], outputs["bbox_regression"]
+    cls_total, box_total, num_fg = logits.sum() * 0.0, regression.sum() * 0.0, 0
+    for i, (t, m) in enumerate(zip(targets, matched)):
+        fg = m >= 0
+        num_fg += int(fg.sum())
+        gt = torch.zeros_like(logits[i])
+        gt[fg, t["labels"][m[fg]]] = 1.0
+        space = torch.zeros(logits.shape[2], dtype=torch.bool)
+        if t.get("label_space") is None:
+            space[:] = True
+        else:
+            space[t["label_space"]] = True
+        weight = ((m != -2)[:, None] & space[None, :]) | (gt > 0)
+        cls_total = cls_total + (sigmoid_focal_loss(logits[i], gt, alpha, gamma, "none")
+                                 * weight).sum()
+        if fg.any():
+            gt_boxes, reg, anc = t["boxes"][m[fg]], regression[i][fg], anchors[i][fg]
+            if kind == "giou":
+                box_total = box_total + generalized_box_iou_loss(
+                    box_coder.decode_single(reg, anc), gt_boxes, reduction="sum")
+            elif kind == "l1":
+                box_total = box_total + torch.nn.functional.l1_loss(
+                    reg, box_coder.encode_single(gt_boxes, anc), reduction="sum")
+            else:
+                box_total = box_total + torch.nn.functional.smooth_l1_loss(
+                    reg, box_coder.encode_single(gt_boxes, anc), reduction="sum", beta=1.0 / 9)
+    return {"loss_cls": cls_total / max(1, num_fg), "loss_box": box_total / max(1, num_fg)}
+
+
+def _awkward_batch(seed: int = 0):
+    """Five images of 60 anchors on a 10 x 6 grid (duplicate anchors give ties between
+    anchors): random boxes, an image without boxes, a box twice (ties between boxes), a box that
+    overlaps no anchor well (a low-quality match only) and one that overlaps none at all."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(6.0) * 10, torch.arange(10.0) * 10, indexing="ij")
+    grid = torch.stack([xs, ys, xs + 16, ys + 16], -1).reshape(-1, 4)
+    grid[1] = grid[0]  # two identical anchors
+    anchors = [grid.clone() for _ in range(5)]
+
+    def rand_boxes(k):
+        xy = torch.rand(k, 2, generator=g) * 80
+        return torch.cat([xy, xy + 4 + torch.rand(k, 2, generator=g) * 30], 1)
+
+    boxes = [rand_boxes(4), torch.zeros(0, 4), rand_boxes(2),
+             torch.tensor([[2.0, 3.0, 6.0, 7.0], [200.0, 200.0, 210.0, 210.0]]),
+             rand_boxes(7)]
+    boxes[2] = torch.cat([boxes[2], boxes[2][:1], grid[:1]])  # a duplicate box; a copy of anchor 0
+    targets = []
+    for i, b in enumerate(boxes):
+        t = {"boxes": b, "labels": torch.randint(0, 5, (len(b),), generator=g)}
+        if i != 4:  # the last image has no label space: annotated for every class
+            t["label_space"] = torch.tensor([0, 2, 3]) if i % 2 else torch.arange(5)
+        targets.append(t)
+    outputs = {"cls_logits": torch.randn(5, 60, 5, generator=g),
+               "bbox_regression": torch.randn(5, 60, 4, generator=g) * 0.2}
+    return outputs, anchors, targets
+
+
+@pytest.mark.parametrize("thresholds,low_quality", [
+    ((0.5, 0.4), True), ((0.4, 0.3), True), ((0.5, 0.4), False), ((0.3, 0.3), True)])
+@pytest.mark.parametrize("budget", [None, 1])
+def test_batched_matching_equals_torchvision_matcher_per_image(thresholds, low_quality,
+                                                               budget, monkeypatch):
+    from torchvision.models.detection import _utils as det_utils
+
+    import incdet.losses as losses
+
+    if budget is not None:  # one image at a time: the chunked path
+        monkeypatch.setattr(losses, "IOU_BUDGET", budget)
+    matcher = det_utils.Matcher(*thresholds, allow_low_quality_matches=low_quality)
+    for seed in range(3):
+        _, anchors, targets = _awkward_batch(seed)
+        got = losses.match_anchors(matcher, anchors, targets)
+        expected = torch.stack(_match_per_image(matcher, anchors, targets))
+        assert got.shape == (5, 60) and got.dtype == torch.int64
+        assert torch.equal(got, expected)
+        assert (got[1] == -1).all()  # no boxes: all background
+        if low_quality:  # the box that overlaps no anchor still matches (every anchor, IoU 0)
+            assert (got[3] >= 0).all()
+            assert got[2, 0] == got[2, 1] == 3  # two identical anchors, both best for box 3
+        assert not (got[2] == 2).any()  # box 2 is box 0 again: ties go to the first box
+    no_boxes = [dict(t, boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64))
+                for t in targets]
+    assert (losses.match_anchors(matcher, anchors, no_boxes) == -1).all()
+
+
+def test_label_space_mask_is_one_row_per_image():
+    from incdet.losses import label_space_mask
+
+    _, _, targets = _awkward_batch()
+    mask = label_space_mask(targets, 5, "cpu")
+    expected = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 1, 0], [1, 1, 1, 1, 1], [1, 0, 1, 1, 0],
+                             [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("kind", ["giou", "l1", "smooth_l1"])
+@pytest.mark.parametrize("replay_weight", [None, 0.5])
+def test_batched_losses_equal_the_per_image_ones(kind, replay_weight):
+    from torchvision.models.detection import _utils as det_utils
+
+    from incdet.config import DEFAULTS
+    from incdet.losses import DetectionLoss
+
+    matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
+    box_coder = det_utils.BoxCoder((1.0, 1.0, 1.0, 1.0))
+    for seed in range(3):
+        outputs, anchors, targets = _awkward_batch(seed)
+        if replay_weight is not None:
+            for i in (1, 3):
+                targets[i]["replayed"] = True
+        batched_out = {k: v.clone().requires_grad_() for k, v in outputs.items()}
+        ref_out = {k: v.clone().requires_grad_() for k, v in outputs.items()}
+        got = DetectionLoss(dict(DEFAULTS["loss"], box=kind), box_coder, matcher,
+                            replay_weight)(batched_out, anchors, targets)
+        matched = _match_per_image(matcher, anchors, targets)
+        if replay_weight is None:
+            expected = _losses_per_image(ref_out, anchors, targets, matched, box_coder, kind)
+        else:
+            parts = []
+            for idx in ([0, 2, 4], [1, 3]):
+                sub = {k: v[idx] for k, v in ref_out.items()}
+                parts.append(_losses_per_image(sub, [anchors[i] for i in idx],
+                                               [targets[i] for i in idx],
+                                               [matched[i] for i in idx], box_coder, kind))
+            expected = {k: parts[0][k] + replay_weight * parts[1][k] for k in parts[0]}
+        assert set(got) == {"loss_cls", "loss_box"}
+        for k in got:
+            assert got[k].item() > 0
+            torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-6)
+        sum(got.values()).backward()
+        sum(expected.values()).backward()
+        for k in outputs:
+            torch.testing.assert_close(batched_out[k].grad, ref_out[k].grad, rtol=1e-6,
+                                       atol=1e-6)

@@ -21,15 +21,21 @@ def main(argv=None) -> int:
     parser.add_argument("--format", required=True, choices=("torchscript", "onnx"))
     parser.add_argument("--out", required=True, help="output file (.pt / .onnx)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    parser.add_argument("--device", default="auto",
+                        help="where a TorchScript export is checked against the eager model: "
+                             "auto (CUDA when available, else CPU), cpu, cuda, cuda:N; the file "
+                             "holds CPU weights either way (ONNX is checked on CPU)")
     args = parser.parse_args(argv)
     setup_logging()
 
+    from incdet.engine import resolve_device
     from incdet.errors import UserError
     from incdet.export import export
 
     if args.opset < 17:
         raise UserError(f"--opset {args.opset}: use 17 or later")
-    meta = export(args.checkpoint, args.format, args.out, opset=args.opset)
+    device = resolve_device(args.device, "--device")
+    meta = export(args.checkpoint, args.format, args.out, opset=args.opset, device=device)
     print(f"wrote {args.out} and {args.out}.json: {len(meta['category_ids'])} classes "
           f"(step {meta['step']}), verified on images of sizes {meta['checked_images']}")
     return 0

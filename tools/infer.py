@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--score-thresh", type=float, default=None,
                         help="keep detections at or above this score (default: the model's)")
     parser.add_argument("--no-draw", action="store_true", help="write the JSON only")
+    parser.add_argument("--device", default="auto",
+                        help="where a checkpoint or TorchScript model runs (ONNX: on CPU): auto "
+                             "(CUDA when available, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     setup_logging()
@@ -39,6 +42,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from incdet.data.dataset import read_image, to_tensor
+    from incdet.engine import resolve_device
     from incdet.errors import UserError
     from incdet.export import Runner
     from incdet.io import atomic_write_json
@@ -55,7 +59,8 @@ def main(argv=None) -> int:
     if not files:
         raise UserError(f"{', '.join(args.images)}: no images found "
                         f"(looked for {', '.join(IMAGE_SUFFIXES)})")
-    runner = Runner(checkpoint=args.checkpoint, model=args.model)
+    device = resolve_device(args.device, "--device")
+    runner = Runner(checkpoint=args.checkpoint, model=args.model, device=device)
     meta = runner.meta
     thresh = meta["score_thresh"] if args.score_thresh is None else args.score_thresh
     names = dict(zip(meta["category_ids"], meta["names"]))
