@@ -12,7 +12,7 @@ import copy
 import json
 import logging
 import random
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -207,214 +207,299 @@ def _forgetting(history: list[dict], groups: dict, t: int) -> dict:
 
 def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, force: bool = False,
              progress: bool = True) -> dict:
-    """Train and evaluate step ``t``; returns its metrics (as written to metrics.json)."""
-    work_dir = Path(work_dir)
-    step_dir = work_dir / f"step_{t}"
-    metrics_path = step_dir / "metrics.json"
+    """Train and evaluate step ``t``; returns its metrics (as written to metrics.json).
+
+    The step's story, one phase per method of :class:`StepRun`: ``prepare`` (data, the previous
+    step's model and memory, student, teacher, optimizer), ``restore`` (``last.pt`` when
+    resuming), ``train``, ``finish`` (select the memory, balanced fine-tuning, evaluate) and
+    ``write`` (checkpoint, memory and, last, metrics.json). With several processes, the others
+    train alongside rank 0 and then wait for it to finish the step."""
+    metrics_path = Path(work_dir) / f"step_{t}" / "metrics.json"
     if metrics_path.is_file() and not force:
         log.info("step %d is already complete (%s); pass --force to train it again", t,
                  metrics_path)
         return json.loads(metrics_path.read_text())
-    tcfg = cfg["train"]
-    if tcfg.get("threads"):
-        torch.set_num_threads(int(tcfg["threads"]))
-    device = resolve_device(dist.setup(tcfg["device"]))
-    reset_peak_memory(device)  # metrics.json reports this step's peak
-    workers = resolve_num_workers(tcfg["num_workers"])
-    main = dist.is_main()
-    progress = progress and main
-    seed_everything(int(tcfg["seed"]) + t)
-    if not main:
-        dist.barrier()  # rank 0 generates the built-in dataset first when it is missing
-    train_set, val_set, classes = load_experiment(cfg, progress)
-    if main:
+    run = StepRun.prepare(cfg, t, Path(work_dir), progress)
+    run.restore(resume)
+    if not run.main:
+        run.train(None)
         dist.barrier()
-    sc = classes.step(t)
-    method = cfg["incremental"]["method"]
-    plan = methods.plan_step(method, classes, sc, methods.memory_enabled(cfg))
-    if plan.uses_memory:  # a wrong setting fails now, not after the step has trained
-        check_replay_mode(cfg["memory"]["replay_mode"])
+        return json.loads(metrics_path.read_text())
+    from torch.utils.tensorboard import SummaryWriter
 
-    previous = prev_path = None
-    if plan.uses_previous:
-        prev_path = work_dir / f"step_{t - 1}" / "checkpoint.pt"
-        if not prev_path.is_file():
-            raise UserError(f"{prev_path}: missing; run step {t - 1} first (same --work-dir)")
-        previous = load_checkpoint(prev_path)
-        check_compatible(previous, prev_path, list(classes.order),
-                         [list(s) for s in classes.steps], t - 1)
-
-    records = filter_for_classes(train_set.records, plan.train_classes)
-    if not records:
-        raise UserError(f"{train_set.source}: step {t} has no training image with a box of its "
-                        f"classes {list(plan.train_classes)}; check the split")
-    memory = None
-    if plan.uses_memory and t > 0:
-        mem_path = work_dir / f"step_{t - 1}" / "memory.json"
-        if not mem_path.is_file():
-            raise UserError(f"{mem_path}: missing; step {t - 1} was trained without a memory: "
-                            "retrain it with memory.budget set, or set memory.budget: 0")
-        memory = Memory.from_json(mem_path, cfg["data"]["root"])
-    loader = train_loader(cfg, classes, records, plan.label_space, memory, seed=t)
-    dataset = loader.dataset
-
-    memory_format = torch.channels_last if tcfg.get("channels_last") else torch.contiguous_format
-    student = methods.build_student(cfg, sc, plan, previous, prev_path)
-    student = student.to(device, memory_format=memory_format)
-    teacher = None
-    if plan.uses_teacher:
-        teacher = methods.build_teacher(cfg, previous, prev_path)
-        teacher = teacher.to(device, memory_format=memory_format)
-    criterion = methods.make_criterion(cfg, student, teacher, plan, classes, sc)
-    if tcfg.get("sync_bn") and dist.world_size() > 1:
-        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        criterion = methods.make_criterion(cfg, student, teacher, plan, classes, sc)
-    loss_fn, _ddp = dist.wrap(student, criterion, device)
-
-    total_iters = methods.training_budget(cfg, classes, train_set.records, t, len(loader))
-    optimizer = build_optimizer(student, tcfg)
-    scheduler = build_scheduler(optimizer, tcfg, total_iters)
-    if main:
-        step_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, step_dir / "config.yaml")
+    writer = SummaryWriter(log_dir=str(run.step_dir))
+    try:
+        result = run.train(writer)
+        evaluation, new_memory = run.finish(result, writer)
+    finally:
+        writer.close()
+    metrics = run.write(result, evaluation, new_memory)
     dist.barrier()
-    last_path = step_dir / "last.pt"
-    start_iter = start_epoch = 0
-    base = {"step": t, "class_order": list(classes.order),
-            "steps": [list(s) for s in classes.steps], "names": classes.to_dict()["names"],
-            "config": strip_private(cfg), "method": method}
-    if resume and last_path.is_file():
-        state = load_checkpoint(last_path)
-        check_compatible(state, last_path, list(classes.order), base["steps"], t)
-        load_model_state(student, state, cfg["model"], last_path)
-        ts = state["train_state"]
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        start_iter, start_epoch = ts["iteration"], ts["epoch"]
-        torch.set_rng_state(ts["torch_rng"])
-        resume_position = (ts["epoch_rng"], ts["batches_done"])
-        log.info("resuming step %d at iteration %d (epoch %d, batch %d)", t, start_iter,
-                 start_epoch, ts["batches_done"])
-    else:
-        resume_position = None
+    return metrics
 
-    def save_last(epoch: int, iteration: int, position=None) -> None:
+
+@dataclass
+class StepRun:
+    """One step in progress: what :meth:`prepare` builds and the later phases read."""
+
+    cfg: dict
+    t: int
+    work_dir: Path
+    device: torch.device
+    workers: int
+    main: bool  # rank 0: the process that evaluates and writes
+    progress: bool
+    train_set: object
+    val_set: object
+    classes: ClassSpace
+    plan: methods.Plan
+    previous: dict | None  # the previous step's checkpoint
+    records: list  # the step's training images (new classes)
+    memory: Memory | None  # the previous steps' memory, replayed
+    loader: torch.utils.data.DataLoader
+    student: torch.nn.Module
+    loss_fn: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    total_iters: int
+    base: dict = field(default_factory=dict)  # the checkpoint fields every save shares
+    start_iter: int = 0
+    start_epoch: int = 0
+    resume_position: tuple | None = None
+
+    @property
+    def step_dir(self) -> Path:
+        return self.work_dir / f"step_{self.t}"
+
+    @property
+    def sc(self):
+        return self.classes.step(self.t)
+
+    @property
+    def method(self) -> str:
+        return self.cfg["incremental"]["method"]
+
+    @property
+    def every_eval(self) -> int:
+        return int(self.cfg["eval"].get("every_iters") or 0)
+
+    @classmethod
+    def prepare(cls, cfg: dict, t: int, work_dir: Path, progress: bool) -> StepRun:
+        """Data, the previous step's checkpoint and memory, the loader, student and teacher,
+        loss, optimizer and schedule; the resolved config.yaml is written. Every check that
+        can fail on the user's input runs here, before anything trains."""
+        tcfg = cfg["train"]
+        every_eval = int(cfg["eval"].get("every_iters") or 0)
+        if every_eval and (not tcfg.get("checkpoint_every") or
+                           every_eval % int(tcfg["checkpoint_every"])):
+            raise UserError(f"eval.every_iters: {every_eval} must be a multiple of "
+                            f"train.checkpoint_every ({tcfg.get('checkpoint_every')}): "
+                            "evaluation happens at checkpoints")
+        if tcfg.get("threads"):
+            torch.set_num_threads(int(tcfg["threads"]))
+        device = resolve_device(dist.setup(tcfg["device"]))
+        reset_peak_memory(device)  # metrics.json reports this step's peak
+        main = dist.is_main()
+        seed_everything(int(tcfg["seed"]) + t)
+        if not main:
+            dist.barrier()  # rank 0 generates the built-in dataset first when it is missing
+        train_set, val_set, classes = load_experiment(cfg, progress and main)
+        if main:
+            dist.barrier()
+        sc = classes.step(t)
+        method = cfg["incremental"]["method"]
+        plan = methods.plan_step(method, classes, sc, methods.memory_enabled(cfg))
+        if plan.uses_memory:  # a wrong setting fails now, not after the step has trained
+            check_replay_mode(cfg["memory"]["replay_mode"])
+
+        previous = prev_path = None
+        if plan.uses_previous:
+            prev_path = work_dir / f"step_{t - 1}" / "checkpoint.pt"
+            if not prev_path.is_file():
+                raise UserError(f"{prev_path}: missing; run step {t - 1} first (same --work-dir)")
+            previous = load_checkpoint(prev_path)
+            check_compatible(previous, prev_path, list(classes.order),
+                             [list(s) for s in classes.steps], t - 1)
+
+        records = filter_for_classes(train_set.records, plan.train_classes)
+        if not records:
+            raise UserError(f"{train_set.source}: step {t} has no training image with a box of "
+                            f"its classes {list(plan.train_classes)}; check the split")
+        memory = None
+        if plan.uses_memory and t > 0:
+            mem_path = work_dir / f"step_{t - 1}" / "memory.json"
+            if not mem_path.is_file():
+                raise UserError(f"{mem_path}: missing; step {t - 1} was trained without a "
+                                "memory: retrain it with memory.budget set, or set "
+                                "memory.budget: 0")
+            memory = Memory.from_json(mem_path, cfg["data"]["root"])
+        loader = train_loader(cfg, classes, records, plan.label_space, memory, seed=t)
+
+        memory_format = (torch.channels_last if tcfg.get("channels_last")
+                         else torch.contiguous_format)
+        student = methods.build_student(cfg, sc, plan, previous, prev_path)
+        student = student.to(device, memory_format=memory_format)
+        teacher = None
+        if plan.uses_teacher:
+            teacher = methods.build_teacher(cfg, previous, prev_path)
+            teacher = teacher.to(device, memory_format=memory_format)
+        criterion = methods.make_criterion(cfg, student, teacher, plan, classes, sc)
+        if tcfg.get("sync_bn") and dist.world_size() > 1:
+            student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            criterion = methods.make_criterion(cfg, student, teacher, plan, classes, sc)
+        loss_fn, _ddp = dist.wrap(student, criterion, device)
+
+        total_iters = methods.training_budget(cfg, classes, train_set.records, t, len(loader))
+        optimizer = build_optimizer(student, tcfg)
+        scheduler = build_scheduler(optimizer, tcfg, total_iters)
+        step_dir = work_dir / f"step_{t}"
+        if main:
+            step_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, step_dir / "config.yaml")
+        dist.barrier()
+        base = {"step": t, "class_order": list(classes.order),
+                "steps": [list(s) for s in classes.steps], "names": classes.to_dict()["names"],
+                "config": strip_private(cfg), "method": method}
+        return cls(cfg, t, work_dir, device, resolve_num_workers(tcfg["num_workers"]), main,
+                   progress and main, train_set, val_set, classes, plan, previous, records,
+                   memory, loader, student, loss_fn, optimizer, scheduler, total_iters, base)
+
+    def restore(self, resume: bool) -> None:
+        """With ``resume`` and a ``last.pt``: the model, optimizer, schedule, iteration and
+        random state it holds. A fresh run drops the learning curve of an earlier one."""
+        last_path = self.step_dir / "last.pt"
+        if resume and last_path.is_file():
+            state = load_checkpoint(last_path)
+            check_compatible(state, last_path, list(self.classes.order), self.base["steps"],
+                             self.t)
+            load_model_state(self.student, state, self.cfg["model"], last_path)
+            ts = state["train_state"]
+            self.optimizer.load_state_dict(ts["optimizer"])
+            self.scheduler.load_state_dict(ts["scheduler"])
+            self.start_iter, self.start_epoch = ts["iteration"], ts["epoch"]
+            torch.set_rng_state(ts["torch_rng"])
+            self.resume_position = (ts["epoch_rng"], ts["batches_done"])
+            log.info("resuming step %d at iteration %d (epoch %d, batch %d)", self.t,
+                     self.start_iter, self.start_epoch, ts["batches_done"])
+        elif self.main and (self.step_dir / "curve.jsonl").exists():
+            (self.step_dir / "curve.jsonl").unlink()  # the curve of an earlier run ends here
+
+    def train(self, writer):
+        """The step's training (rank 0 with ``writer``: logging, ``last.pt`` and the curve)."""
+        tcfg, weights = self.cfg["train"], dict(self.cfg["loss"]["weights"])
+        common = dict(shuffle_generator=_shuffle_generator(self.loader),
+                      resume_position=self.resume_position)
+        if not self.main:
+            return train(self.student, self.loss_fn, self.loader, self.optimizer,
+                         self.scheduler, tcfg, weights, self.total_iters, self.device, None,
+                         None, self.start_iter, self.start_epoch, progress=False, **common)
+        result = train(self.student, self.loss_fn, self.loader, self.optimizer, self.scheduler,
+                       tcfg, weights, self.total_iters, self.device, self.step_dir, writer,
+                       self.start_iter, self.start_epoch, on_epoch_end=self.save_last,
+                       progress=self.progress, on_checkpoint=self.on_checkpoint, **common)
+        self.student = _unwrap_sync_bn(self.student)
+        return result
+
+    def save_last(self, epoch: int, iteration: int, position=None) -> None:
         """``last.pt``: everything needed to continue at ``iteration``; ``position`` is the
         shuffling state at the start of ``epoch`` and the batches of it already trained on
         (None after a complete epoch)."""
-        if iteration >= total_iters:
+        if iteration >= self.total_iters:
             return
         if position is None:
-            position = (_shuffle_generator(loader).get_state(), 0)
-        save_checkpoint(last_path, dict(base, head_layout=head_layout(student),
-                                        head_towers=head_towers(student),
-                                        model=student.state_dict(), history=[],
-                                        train_state={"optimizer": optimizer.state_dict(),
-                                                     "scheduler": scheduler.state_dict(),
-                                                     "iteration": iteration, "epoch": epoch,
-                                                     "torch_rng": torch.get_rng_state(),
-                                                     "epoch_rng": position[0],
-                                                     "batches_done": position[1]}))
+            position = (_shuffle_generator(self.loader).get_state(), 0)
+        train_state = {"optimizer": self.optimizer.state_dict(),
+                       "scheduler": self.scheduler.state_dict(), "iteration": iteration,
+                       "epoch": epoch, "torch_rng": torch.get_rng_state(),
+                       "epoch_rng": position[0], "batches_done": position[1]}
+        save_checkpoint(self.step_dir / "last.pt",
+                        dict(self.base, head_layout=head_layout(self.student),
+                             head_towers=head_towers(self.student),
+                             model=self.student.state_dict(), history=[],
+                             train_state=train_state))
 
-    curve_path = step_dir / "curve.jsonl"
-    every_eval = int(cfg["eval"].get("every_iters") or 0)
-    if every_eval and (not tcfg.get("checkpoint_every") or
-                       every_eval % int(tcfg["checkpoint_every"])):
-        raise UserError(f"eval.every_iters: {every_eval} must be a multiple of "
-                        f"train.checkpoint_every ({tcfg.get('checkpoint_every')}): evaluation "
-                        "happens at checkpoints")
-    if main and not resume and curve_path.exists():
-        curve_path.unlink()  # a fresh run: the curve of an earlier one does not continue
-
-    def on_checkpoint(epoch: int, iteration: int, position=None) -> None:
+    def on_checkpoint(self, epoch: int, iteration: int, position=None) -> None:
         """``last.pt``, and with ``eval.every_iters`` an evaluation of the model so far (one
         line of ``curve.jsonl``: how far from converged the step is)."""
-        save_last(epoch, iteration, position)
-        if every_eval and iteration % every_eval == 0 and iteration < total_iters:
-            ev = evaluate_model(student, val_set.records, val_set.categories,
-                                classes.order[:len(sc.seen)], metric_groups(classes, t),
-                                int(cfg["eval"]["batch_size"]), device,
-                                num_workers=workers, progress=False)
-            with open(curve_path, "a") as f:
-                f.write(json.dumps({"iteration": iteration, "AP": ev["groups"]["all"]["AP"]})
-                        + "\n")
-            student.train()
-            keep_frozen_norms(student)
+        self.save_last(epoch, iteration, position)
+        if self.every_eval and iteration % self.every_eval == 0 and iteration < self.total_iters:
+            ap = self.evaluate(progress=False)["groups"]["all"]["AP"]
+            with open(self.step_dir / "curve.jsonl", "a") as f:
+                f.write(json.dumps({"iteration": iteration, "AP": ap}) + "\n")
+            self.student.train()
+            keep_frozen_norms(self.student)
 
-    from torch.utils.tensorboard import SummaryWriter
+    def evaluate(self, progress: bool) -> dict:
+        """The student on the validation images, over the classes seen so far."""
+        return evaluate_model(self.student, self.val_set.records, self.val_set.categories,
+                              self.classes.order[:len(self.sc.seen)],
+                              metric_groups(self.classes, self.t),
+                              int(self.cfg["eval"]["batch_size"]), self.device,
+                              num_workers=self.workers, progress=progress)
 
-    weights = dict(cfg["loss"]["weights"])
-    if not main:  # the other processes train, then wait for rank 0 to finish the step
-        train(student, loss_fn, loader, optimizer, scheduler, tcfg, weights, total_iters,
-              device, None, None, start_iter, start_epoch, progress=False,
-              shuffle_generator=_shuffle_generator(loader), resume_position=resume_position)
-        dist.barrier()
-        return json.loads(metrics_path.read_text())
-    writer = SummaryWriter(log_dir=str(step_dir))
-    try:
-        result = train(student, loss_fn, loader, optimizer, scheduler, tcfg, weights,
-                       total_iters, device, step_dir, writer, start_iter, start_epoch,
-                       on_epoch_end=save_last, progress=progress, on_checkpoint=on_checkpoint,
-                       shuffle_generator=_shuffle_generator(loader),
-                       resume_position=resume_position)
-        student = _unwrap_sync_bn(student)
+    def finish(self, result, writer) -> tuple[dict, Memory | None]:
+        """After training: the new memory (herding) and balanced fine-tuning when the method
+        keeps one, then the evaluation. Returns the evaluation and the new memory."""
         new_memory = None
-        if plan.uses_memory:
-            new_memory = select_memory(cfg, student, records, memory, sc, device, progress)
-            if t > 0 and cfg["memory"]["balanced_finetune"]["enabled"]:
-                balanced_finetune(cfg, student, classes, sc, new_memory, device, step_dir,
-                                  writer, progress)
-        groups = metric_groups(classes, t)
-        evaluation = evaluate_model(student, val_set.records, val_set.categories,
-                                    classes.order[:len(sc.seen)], groups,
-                                    int(cfg["eval"]["batch_size"]), device,
-                                    num_workers=workers, progress=progress)
+        if self.plan.uses_memory:
+            new_memory = select_memory(self.cfg, self.student, self.records, self.memory,
+                                       self.sc, self.device, self.progress)
+            if self.t > 0 and self.cfg["memory"]["balanced_finetune"]["enabled"]:
+                balanced_finetune(self.cfg, self.student, self.classes, self.sc, new_memory,
+                                  self.device, self.step_dir, writer, self.progress)
+        evaluation = self.evaluate(self.progress)
         for name, m in evaluation["groups"].items():
             for k, v in m.items():
                 if v is not None:
-                    writer.add_scalar(f"eval_{name}/{k}", v, result.iterations + start_iter)
-    finally:
-        writer.close()
+                    writer.add_scalar(f"eval_{name}/{k}", v, result.iterations + self.start_iter)
+        return evaluation, new_memory
 
-    history = list(previous["history"]) if previous is not None else []
-    history = [h for h in history if h["step"] < t]
-    history.append({"step": t, "groups": {k: v["AP"] for k, v in evaluation["groups"].items()
-                                          if k.startswith("step_")}})
-    metrics = {
-        "step": t,
-        "method": method,
-        "classes": {"old": list(sc.old), "new": list(sc.new)},
-        "map": {k: evaluation["groups"][k] for k in ("old", "new", "all")},
-        "groups": {k: v for k, v in evaluation["groups"].items() if k.startswith("step_")},
-        "per_class_ap": evaluation["per_class_ap"],
-        "forgetting": _forgetting(history, evaluation["groups"], t),
-        "train": {"seconds": round(result.seconds, 2), "iterations": result.iterations,
-                  "images_per_second": round(result.images_per_second, 2),
-                  "images": len(dataset), **device_record(device, tcfg)},
-    }
-    if method == "joint":  # which reference this is: equal compute (default) or one step
-        metrics["joint_budget"] = cfg["incremental"].get("joint_budget", "equal")
-    if curve_path.is_file():  # AP during training, then at the end
-        metrics["curve"] = [json.loads(line) for line in curve_path.read_text().splitlines()
-                            if line.strip()]
-        metrics["curve"].append({"iteration": total_iters,
-                                 "AP": evaluation["groups"]["all"]["AP"]})
-    if new_memory is not None:
-        atomic_write_json(step_dir / "memory.json",
-                          new_memory.to_json(cfg["data"]["root"], train_set.categories, t))
-        metrics["memory"] = {"images": len(new_memory),
-                             "replayed_from_previous": 0 if memory is None else len(memory)}
-    save_checkpoint(step_dir / "checkpoint.pt",
-                    dict(base, head_layout=head_layout(student), head_towers=head_towers(student),
-                         model=student.state_dict(),
-                         history=history, train_state=None))
-    atomic_write_json(metrics_path, metrics)
-    if last_path.exists():
-        last_path.unlink()
-    log.info("step %d evaluation (%s):\n%s", t, method,
-             format_table(evaluation, classes.names))
-    dist.barrier()
-    return metrics
+    def write(self, result, evaluation: dict, new_memory: Memory | None) -> dict:
+        """memory.json, checkpoint.pt and, last and atomically, metrics.json (the step is
+        complete exactly when it has one); ``last.pt`` goes. Returns the metrics."""
+        t, sc, step_dir = self.t, self.sc, self.step_dir
+        history = list(self.previous["history"]) if self.previous is not None else []
+        history = [h for h in history if h["step"] < t]
+        history.append({"step": t, "groups": {k: v["AP"] for k, v in evaluation["groups"].items()
+                                              if k.startswith("step_")}})
+        metrics = {
+            "step": t,
+            "method": self.method,
+            "classes": {"old": list(sc.old), "new": list(sc.new)},
+            "map": {k: evaluation["groups"][k] for k in ("old", "new", "all")},
+            "groups": {k: v for k, v in evaluation["groups"].items() if k.startswith("step_")},
+            "per_class_ap": evaluation["per_class_ap"],
+            "forgetting": _forgetting(history, evaluation["groups"], t),
+            "train": {"seconds": round(result.seconds, 2), "iterations": result.iterations,
+                      "images_per_second": round(result.images_per_second, 2),
+                      "images": len(self.loader.dataset),
+                      **device_record(self.device, self.cfg["train"])},
+        }
+        if self.method == "joint":  # which reference this is: equal compute (default) or one step
+            metrics["joint_budget"] = self.cfg["incremental"].get("joint_budget", "equal")
+        curve_path = step_dir / "curve.jsonl"
+        if curve_path.is_file():  # AP during training, then at the end
+            metrics["curve"] = [json.loads(line) for line in curve_path.read_text().splitlines()
+                                if line.strip()]
+            metrics["curve"].append({"iteration": self.total_iters,
+                                     "AP": evaluation["groups"]["all"]["AP"]})
+        if new_memory is not None:
+            atomic_write_json(step_dir / "memory.json",
+                              new_memory.to_json(self.cfg["data"]["root"],
+                                                 self.train_set.categories, t))
+            metrics["memory"] = {"images": len(new_memory),
+                                 "replayed_from_previous": 0 if self.memory is None
+                                 else len(self.memory)}
+        save_checkpoint(step_dir / "checkpoint.pt",
+                        dict(self.base, head_layout=head_layout(self.student),
+                             head_towers=head_towers(self.student),
+                             model=self.student.state_dict(), history=history, train_state=None))
+        atomic_write_json(step_dir / "metrics.json", metrics)
+        if (step_dir / "last.pt").exists():
+            (step_dir / "last.pt").unlink()
+        log.info("step %d evaluation (%s):\n%s", t, self.method,
+                 format_table(evaluation, self.classes.names))
+        return metrics
 
 
 def _unwrap_sync_bn(model):

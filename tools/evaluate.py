@@ -1,47 +1,8 @@
-"""Evaluate a step checkpoint on the validation set and print the COCO table by class group.
+"""The checkout's entry to incdet/tools/evaluate.py (run it with --help).
 
-    python tools/evaluate.py --checkpoint runs/demo/incdet/step_0/checkpoint.pt [--config C]
-        [--device cpu]
-"""
-from __future__ import annotations
-
-import argparse
-
-from incdet.cli import main_guard, setup_logging
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--config", help="YAML config (default: the one saved in the checkpoint)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help="config override (of --config, else of the checkpoint's saved "
-                             "config), e.g. model.score_thresh=0.3")
-    parser.add_argument("--json", help="also write the evaluation to this JSON file")
-    parser.add_argument("--device", default="auto",
-                        help="where to evaluate: auto (CUDA when available, else CPU), cpu, cuda, "
-                             "cuda:N; never the train.device saved in the checkpoint")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging()
-
-    from incdet.config import load_config
-    from incdet.engine import resolve_device
-    from incdet.evaluation import format_table
-    from incdet.io import atomic_write_json
-    from incdet.step import evaluate_checkpoint
-
-    device = resolve_device(args.device, "--device")
-    # --set changes --config, or else the config saved in the checkpoint
-    cfg = load_config(args.config, args.overrides) if args.config else None
-    evaluation, classes = evaluate_checkpoint(args.checkpoint, cfg, not args.no_progress,
-                                              None if args.config else args.overrides, device)
-    print(format_table(evaluation, classes.names))
-    if args.json:
-        atomic_write_json(args.json, evaluation)
-    return 0
-
+Installed, the same tool is ``incdet-evaluate`` or ``python -m incdet.tools.evaluate``."""
+from incdet.cli import main_guard
+from incdet.tools.evaluate import main
 
 if __name__ == "__main__":
     raise SystemExit(main_guard(main))

@@ -1,45 +1,8 @@
-"""Export a step's detector to TorchScript or ONNX, with a metadata JSON beside it.
+"""The checkout's entry to incdet/tools/export.py (run it with --help).
 
-    python tools/export.py --checkpoint runs/exp/step_1/checkpoint.pt --format onnx --out det.onnx
-
-Writes OUT and OUT.json (class names and dataset category ids in output order, the step
-history, the input convention, the score threshold). The exported model takes one RGB float
-image in [0, 1] of shape (3, H, W) and returns boxes (xyxy, input pixels), scores and category
-ids. The export is verified by running the written file on sample images of several sizes
-against the eager model; a mismatch fails with the numbers and writes nothing.
-"""
-from __future__ import annotations
-
-import argparse
-
-from incdet.cli import main_guard, setup_logging
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="step_<t>/checkpoint.pt")
-    parser.add_argument("--format", required=True, choices=("torchscript", "onnx"))
-    parser.add_argument("--out", required=True, help="output file (.pt / .onnx)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
-    parser.add_argument("--device", default="auto",
-                        help="where a TorchScript export is checked against the eager model: "
-                             "auto (CUDA when available, else CPU), cpu, cuda, cuda:N; the file "
-                             "holds CPU weights either way (ONNX is checked on CPU)")
-    args = parser.parse_args(argv)
-    setup_logging()
-
-    from incdet.engine import resolve_device
-    from incdet.errors import UserError
-    from incdet.export import export
-
-    if args.opset < 17:
-        raise UserError(f"--opset {args.opset}: use 17 or later")
-    device = resolve_device(args.device, "--device")
-    meta = export(args.checkpoint, args.format, args.out, opset=args.opset, device=device)
-    print(f"wrote {args.out} and {args.out}.json: {len(meta['category_ids'])} classes "
-          f"(step {meta['step']}), verified on images of sizes {meta['checked_images']}")
-    return 0
-
+Installed, the same tool is ``incdet-export`` or ``python -m incdet.tools.export``."""
+from incdet.cli import main_guard
+from incdet.tools.export import main
 
 if __name__ == "__main__":
     raise SystemExit(main_guard(main))

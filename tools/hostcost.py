@@ -1,39 +1,8 @@
-"""Where the time of a training iteration goes: model forward/backward vs the host side.
+"""The checkout's entry to incdet/tools/hostcost.py (run it with --help).
 
-    python tools/hostcost.py [--config configs/shapes_2step.yaml] [--iters 5] [--threads 1]
-
-Runs the training loop on one fixed batch of an ``incdet`` step 1 (student and teacher) and
-prints the median seconds per iteration of each part as JSON (:mod:`incdet.hostcost`).
-"""
-from __future__ import annotations
-
-import argparse
-
+Installed, the same tool is ``python -m incdet.tools.hostcost``."""
 from incdet.cli import main_guard
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/shapes_2step.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE")
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: unchanged)")
-    args = parser.parse_args(argv)
-
-    import json
-
-    from incdet.config import load_config
-    from incdet.hostcost import host_cost
-
-    cfg = load_config(args.config, args.overrides)
-    result = host_cost(cfg, iters=args.iters, batch_size=args.batch_size,
-                       threads=args.threads or None)
-    print(json.dumps({k: round(v, 5) if isinstance(v, float) else v
-                      for k, v in result.items()}, indent=1))
-    return 0
-
+from incdet.tools.hostcost import main
 
 if __name__ == "__main__":
     raise SystemExit(main_guard(main))

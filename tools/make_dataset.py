@@ -1,29 +1,8 @@
-"""Generate the built-in shapes dataset (COCO format) at a folder.
+"""The checkout's entry to incdet/tools/make_dataset.py (run it with --help).
 
-    python tools/make_dataset.py --out data/shapes [--train 2000 --val 300 --size 128 --seed 0]
-"""
-from __future__ import annotations
-
-import argparse
-
+Installed, the same tool is ``incdet-make-dataset`` or ``python -m incdet.tools.make_dataset``."""
 from incdet.cli import main_guard
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--train", type=int, default=2000, help="training images")
-    parser.add_argument("--val", type=int, default=300, help="validation images")
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-
-    from incdet.data import synthetic
-
-    root = synthetic.generate(args.out, args.train, args.val, args.size, args.seed)
-    print(f"wrote {args.train} + {args.val} images to {root}")
-    return 0
-
+from incdet.tools.make_dataset import main
 
 if __name__ == "__main__":
     raise SystemExit(main_guard(main))

@@ -1,0 +1,208 @@
+"""Benchmarks of incdet on the built-in dataset; writes a JSON of results and prints a table.
+
+    python tools/benchmark.py [--quick] [--out runs/benchmark] [--sections throughput,cost,...]
+
+Accuracy sections train every method with the same iteration budget per step
+(``--iters``); figures are only comparable between runs with the same budget, config and seed,
+which the JSON records.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+from incdet.cli import main_guard, setup_logging
+
+SECTIONS = ("throughput", "cost", "herding", "2step", "4step", "6step", "inference",
+            "pretrained")
+PROTOCOLS = {"2step": "shapes_2step", "4step": "shapes_4step", "6step": "shapes_6step"}
+# the pretrained section's variants: step 1 from an imported step-0 detector, no memory
+PRETRAINED = {"branch": ["incremental.method=branch"], "incdet": ["incremental.method=incdet"],
+              "incdet_pseudo": ["incremental.method=incdet", "incremental.pseudo_labels=true"],
+              "finetune": ["incremental.method=finetune"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None,
+                        help="results folder "
+                             "(default runs/benchmark, --quick: runs/benchmark_quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small budgets: every section in under 10 minutes "
+                             "(figures are noise-level)")
+    parser.add_argument("--iters", type=int, help="training iterations per step (all methods)")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--methods", default="incdet_memory,incdet,finetune,joint",
+                        help="variants: incdet_memory (with the exemplar memory), incdet, "
+                             "incdet_pseudo (incdet with teacher pseudo-labels), finetune, joint "
+                             "(all but incdet_memory without memory); NAME@key=value@... adds "
+                             "overrides to one variant, e.g. "
+                             "incdet_memory@memory.replay_mode=share")
+    parser.add_argument("--joint-reference", metavar="METRICS_JSON",
+                        help="without joint among --methods: take joint's AP from this finished "
+                             "step-0 run on all classes with the same recipe and the "
+                             "equal-compute budget (--iters times the number of steps), e.g. "
+                             "runs/joint/step_0/metrics.json of configs/shapes_joint.yaml; "
+                             "{seed} in the path stands for each seed")
+    parser.add_argument("--seeds", help="comma-separated training seeds for the accuracy "
+                        "sections (2step, 4step, 6step), e.g. 0,1: each variant runs per seed "
+                        "(step 0 too) and the tables give the mean and min-max "
+                        "(default: the config's train.seed)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="config override for every section")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the figures table of OUT/benchmark.json and exit")
+    args = parser.parse_args(argv)
+    setup_logging()
+    args.out = args.out or ("runs/benchmark_quick" if args.quick else "runs/benchmark")
+    if args.markdown:
+        from incdet.benchmarks import markdown
+
+        with open(f"{args.out}/benchmark.json") as f:
+            print(markdown(json.load(f)))
+        return 0
+
+    sections = [s for s in args.sections.split(",") if s]
+    try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else [None]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: expected integers such as 0,1")
+    methods = [m for m in args.methods.split(",") if m]
+    if args.joint_reference and any(m.split("@")[0] == "joint" for m in methods):
+        parser.error("--joint-reference replaces training joint: drop joint from --methods, or "
+                     "drop --joint-reference to train it")
+
+    import torch
+
+    from incdet import benchmarks
+    from incdet.config import load_config
+    from incdet.io import atomic_write_json
+    from incdet.step import load_experiment
+
+    iters = args.iters or (20 if args.quick else 600)
+    if args.quick:  # evaluate on 100 validation images: the quick figures are a smoke check
+        args.overrides = ["data.val_max_images=100"] + args.overrides
+    progress = not args.no_progress
+    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                          else None},
+              "date": time.strftime("%Y-%m-%d %H:%M"), "iters_per_step": iters,
+              "overrides": args.overrides, "results": {}}
+    out_path = f"{args.out}/benchmark.json"
+    try:  # keep the sections of earlier runs that this run does not redo
+        with open(out_path) as f:
+            report["results"] = json.load(f).get("results", {})
+    except (OSError, ValueError):
+        pass
+    for section in sections:
+        if section not in SECTIONS:
+            raise SystemExit(f"unknown section {section!r}; choose from {', '.join(SECTIONS)}")
+        if section == "throughput":
+            cfg = load_config("configs/shapes_joint.yaml", args.overrides)
+            r = benchmarks.training_throughput(cfg, iters=10 if args.quick else 30)
+            print(f"[throughput] step-0 training: {r['images_per_second']:.1f} images/s "
+                  f"(batch {r['batch_size']}, {r['threads']} threads)")
+        elif section == "cost":
+            cfg = load_config("configs/shapes_2step.yaml", args.overrides)
+            r = benchmarks.iteration_cost(cfg, iters=5 if args.quick else 15)
+            print(f"[cost] iteration with teacher / without: {r['ratio']:.2f}x "
+                  f"({r['incdet_s']:.3f}s vs {r['plain_s']:.3f}s, batch {r['batch_size']})")
+        elif section == "herding":
+            n = 1000 if args.quick else 4000
+            r = benchmarks.herding_time([n, 2 * n, 4 * n])
+            print("[herding] " + ", ".join(f"{k} images ({v['pairs']} image-class pairs): "
+                                           f"{v['seconds']:.2f}s" for k, v in r.items()))
+            r["ratio_4n_to_n"] = r[4 * n]["seconds"] / r[n]["seconds"]
+        elif section == "inference":
+            from pathlib import Path
+
+            from incdet.protocol import run_protocol
+
+            two = Path(args.out) / f"shapes_2step_{iters}"
+            ckpt = two / "incdet" / "step_1" / "checkpoint.pt"
+            if not ckpt.is_file():  # train the 2-step incdet model (the 2step section reuses it)
+                cfg = load_config("configs/shapes_2step.yaml",
+                                  args.overrides + [f"train.max_iters={iters}"])
+                run_protocol(cfg, two, {"incdet": ["incremental.method=incdet",
+                                                   "memory.budget=0"]}, progress)
+            r = benchmarks.inference_speed(ckpt, num_images=32 if args.quick else 100,
+                                           export_dir=Path(args.out) / "export")
+            ips = r["images_per_second"]
+            print("[inference] images/s, one image per call: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in ips.items()))
+            print(f"[inference] grown / plain torchvision: {r['grown_over_plain']:.3f}, "
+                  f"fused / plain: {r['fused_over_plain']:.3f}")
+        elif section == "pretrained":
+            cfg = load_config("configs/shapes_2step.yaml",
+                              args.overrides + [f"train.max_iters={iters}"])
+            r = benchmarks.pretrained(cfg, f"{args.out}/pretrained_{iters}", PRETRAINED,
+                                      progress, cost_iters=3 if args.quick else 10)
+            print(f"[pretrained] step-0 AP trained {r['trained_step0_ap']:.4f}, imported "
+                  f"{r['imported_ap']:.4f}")
+            for m, v in r["variants"].items():
+                print(f"[pretrained] {m}: old {v['old']:.3f} new {v['new']:.3f} all "
+                      f"{v['all']:.3f}, old kept {v['old_retention']:.3f}")
+            c = r["cost"]
+            print(f"[pretrained] iteration branch / incdet: {c['branch_over_incdet']:.2f} "
+                  f"({c['branch_s']:.3f}s vs {c['incdet_s']:.3f}s, batch {c['batch_size']})")
+        else:
+            name = PROTOCOLS[section]
+            variants = {}
+            for entry in methods:
+                # "NAME@key=value@..." : the variant NAME with extra overrides of its own
+                m, *extra = entry.split("@")
+                if m == "incdet_memory":  # with the exemplar memory (memory.budget of the config)
+                    variants[entry] = ["incremental.method=incdet"]
+                elif m == "incdet_pseudo":
+                    variants[entry] = ["incremental.method=incdet", "memory.budget=0",
+                                       "incremental.pseudo_labels=true"]
+                else:
+                    variants[entry] = [f"incremental.method={m}", "memory.budget=0"]
+                if m == "joint":  # evaluated at half its budget too: how converged it is
+                    steps = len(load_experiment(load_config(f"configs/{name}.yaml"),
+                                                progress=False)[2].steps)
+                    half = iters * steps // 2
+                    variants[entry] += [f"eval.every_iters={half}",
+                                        f"train.checkpoint_every={half}"]
+                variants[entry] += extra
+            per_seed = {}
+            for seed in seeds:
+                cfg = load_config(f"configs/{name}.yaml", args.overrides + [
+                    f"train.max_iters={iters}"] + ([] if seed is None else [f"train.seed={seed}"]))
+                seed = cfg["train"]["seed"]
+                joint_ap = reference = None
+                if "joint" not in variants and args.joint_reference:  # checked before training
+                    reference = args.joint_reference.replace("{seed}", str(seed))
+                    _, _, classes = load_experiment(cfg, progress=False)
+                    joint_ap = benchmarks.read_joint_reference(
+                        reference, cfg, list(classes.order), iterations=iters * classes.num_steps)
+                # seed 0 keeps the folder of the runs made before --seeds existed
+                folder = f"{args.out}/{name}_{iters}" + (f"_seed{seed}" if seed else "")
+                r = benchmarks.accuracy(cfg, folder, variants, progress)
+                if joint_ap is not None:
+                    r = benchmarks.with_joint_reference(r, joint_ap, reference)
+                per_seed[seed] = r
+            r = benchmarks.over_seeds(per_seed)
+            r["config"] = f"configs/{name}.yaml"
+            for key, label in (("final_ap", "final AP (all classes)"),
+                               ("ratio_to_joint", "ratio to equal-compute joint"),
+                               ("step0_retention", "step-0 classes kept (AP last / at step 0)")):
+                if key in r:
+                    print(f"[{section}] {label}: " + ", ".join(
+                        f"{m}={benchmarks.spread_text(v)}" for m, v in r[key].items()))
+        r["iters_per_step"] = iters if section in ("2step", "4step", "6step", "inference",
+                                                   "pretrained") else None
+        r["overrides"] = args.overrides
+        r["date"] = report["date"]
+        report["results"][section] = r
+        atomic_write_json(out_path, report)
+    print(f"results: {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_guard(main))

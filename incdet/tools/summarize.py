@@ -1,0 +1,29 @@
+"""Print the per-step results of a work directory (old / new / all AP, forgetting, time).
+
+    python tools/summarize.py runs/demo/incdet
+"""
+from __future__ import annotations
+
+import argparse
+
+from incdet.cli import main_guard
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work_dir")
+    args = parser.parse_args(argv)
+
+    from incdet.errors import UserError
+    from incdet.summary import read_steps, steps_table
+
+    steps = read_steps(args.work_dir)
+    if not steps:
+        raise UserError(f"{args.work_dir}: no completed step (step_<t>/metrics.json) found")
+    print(steps_table(steps))
+    print(f"\nper-step files: {args.work_dir}/step_<t>/ (metrics.json, checkpoint.pt, TensorBoard)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_guard(main))
