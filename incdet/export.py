@@ -41,7 +41,9 @@ from torchvision.models.detection.retinanet import (
 from incdet.errors import UserError
 from incdet.io import atomic_write_json
 
-FORMATS = ("torchscript", "onnx")
+# state_dict: the weights of the torchvision RetinaNet (torch.save(model.state_dict())), for a
+# plain torchvision user or for tools/import_detector.py --arch incdet
+FORMATS = ("torchscript", "onnx", "state_dict")
 INPUT = {"layout": "CHW", "channels": "RGB", "dtype": "float32", "range": [0.0, 1.0],
          "batch": "one image per call"}
 OUTPUTS = ["boxes (R, 4) xyxy in input pixels", "scores (R,)", "category_ids (R,) int64"]
@@ -196,6 +198,7 @@ def load_detector(path: str | os.PathLike,
     ckpt = load_checkpoint(path)
     model = to_torchvision(model_from_checkpoint(ckpt, source=path)).to(device)
     model.incdet_meta = metadata(ckpt)
+    model.incdet_config = ckpt["config"]
     return model
 
 
@@ -312,7 +315,9 @@ def compare(reference: Sequence[tuple], candidate: Sequence[tuple], rtol: float 
 def export(ckpt_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
            opset: int = 17, check_images: Sequence[torch.Tensor] | None = None,
            device: str | torch.device | None = "auto") -> dict:
-    """Write ``out`` (TorchScript or ONNX) and ``out.json``; returns the metadata written.
+    """Write ``out`` (TorchScript, ONNX or a torchvision state dict) and ``out.json``; returns
+    the metadata written. The written file is run on sample images against the eager model
+    first; a mismatch writes nothing.
 
     The file holds CPU weights (it loads on any machine). ``device`` (``auto``: CUDA when
     available, else CPU) is where a TorchScript file is checked against the eager model; an
@@ -332,7 +337,9 @@ def export(ckpt_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
     images = list(check_images) if check_images is not None else sample_images()
     tmp = out.with_name(out.name + ".tmp")
     try:
-        if fmt == "torchscript":
+        if fmt == "state_dict":
+            got = _save_state_dict(model, tmp, images)
+        elif fmt == "torchscript":
             with quiet_warnings():
                 torch.jit.script(module).save(str(tmp))
                 loaded = torch.jit.load(str(tmp), map_location=check_device)
@@ -355,6 +362,28 @@ def export(ckpt_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
     meta["checked_images"] = [list(img.shape[1:]) for img in images]
     atomic_write_json(out.with_name(out.name + ".json"), meta)
     return meta
+
+
+def _save_state_dict(model: RetinaNet, path: Path, images: Sequence[torch.Tensor]) -> list:
+    """Save ``model``'s state dict and rebuild it as a user would: the torchvision RetinaNet
+    that the checkpoint's model settings describe (``import_detector --arch incdet``), the file
+    loaded data-only. Returns that model's outputs on ``images``, to check against the eager
+    model (a detector whose post-processing is not torchvision's, per-step caps or ``branch``
+    towers, does not fit and is refused)."""
+    from incdet.model.importer import INCDET_ARCH, load_torchvision
+
+    torch.save(model.state_dict(), path)
+    from incdet.config import with_defaults
+
+    model_cfg = dict(with_defaults(model.incdet_config)["model"])
+    try:
+        rebuilt = load_torchvision(path, INCDET_ARCH, str(path), model_cfg)
+    except UserError as err:
+        raise UserError(f"--format state_dict: this detector is not a plain torchvision "
+                        f"RetinaNet ({err}); export torchscript or onnx instead") from None
+    module = ExportModule(rebuilt, model.incdet_meta["category_ids"]).eval()
+    with torch.no_grad():
+        return [module(img) for img in images]
 
 
 @contextlib.contextmanager

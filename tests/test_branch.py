@@ -9,6 +9,7 @@ import torch
 from incdet import methods
 from incdet.checkpoint import load_checkpoint
 from incdet.config import load_config
+from incdet.errors import UserError
 from incdet.export import BranchedClassificationHead, ExportModule, export, load_detector
 from incdet.model.builder import IncrementalRetinaNet, build_model, grow_model
 from incdet.model.heads import IncrementalClassificationHead
@@ -159,3 +160,13 @@ def test_branched_model_exports_and_matches_eager(branched, tmp_path, fmt):
     with torch.no_grad():
         _, _, ids = module(images[0])
     assert len(ids) == 40  # 20 per step group
+
+
+def test_a_branched_model_is_no_plain_state_dict(branched, tmp_path):
+    """Its classifier towers and per-step caps are not torchvision's: --format state_dict
+    refuses it, naming the formats that keep them, and writes nothing."""
+    _, work, _, _ = branched
+    with pytest.raises(UserError, match="not a plain torchvision RetinaNet.*torchscript or onnx"):
+        export(work / "step_1" / "checkpoint.pt", "state_dict", tmp_path / "det.pt",
+               check_images=_images())
+    assert list(tmp_path.iterdir()) == []

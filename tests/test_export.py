@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from incdet.checkpoint import load_checkpoint, save_checkpoint
-from incdet.config import load_config
+from incdet.config import load_config, with_defaults
 from incdet.errors import UserError
 from incdet.export import (
     Detector,
@@ -197,3 +197,33 @@ def test_a_checkpoint_trained_on_cuda_loads_where_there_is_none(grown_checkpoint
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="device: 'cuda' requested but CUDA is not available"):
             load_detector(path, "cuda")
+
+
+def test_state_dict_export_is_what_a_torchvision_user_loads_and_imports(grown_checkpoint,
+                                                                        tmp_path):
+    """--format state_dict: a plain torchvision state dict (data-only load) whose RetinaNet,
+    rebuilt from the checkpoint's model settings, detects exactly as the checkpoint; imported
+    back with --arch incdet and OUT.json as --classes, it is the same detector again."""
+    from incdet.model.importer import import_detector, load_torchvision, read_classes, slot_classes
+
+    images = sample_images(SIZES)
+    out = tmp_path / "det_state.pt"
+    meta = export(grown_checkpoint, "state_dict", out, check_images=images)
+    assert json.loads((tmp_path / "det_state.pt.json").read_text()) == meta
+    state = torch.load(out, weights_only=True)
+    reference = load_detector(grown_checkpoint, "cpu")
+    assert list(state) == list(reference.state_dict())
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in state.items())
+    ckpt = load_checkpoint(grown_checkpoint)
+    cfg = with_defaults(ckpt["config"])
+    rebuilt = load_torchvision(out, "incdet", str(out), cfg["model"])
+    slots = slot_classes(10, read_classes(tmp_path / "det_state.pt.json"), "det_state.pt.json")
+    assert [s["id"] for s in slots] == meta["category_ids"]
+    import_detector(rebuilt, slots, cfg, tmp_path / "imported", str(out), progress=False)
+    imported = load_detector(tmp_path / "imported" / "step_0" / "checkpoint.pt", "cpu")
+    assert imported.incdet_meta["category_ids"] == meta["category_ids"]
+    with torch.no_grad():
+        for a, b in zip(reference(images), imported(images)):
+            assert torch.equal(a["labels"], b["labels"])
+            torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-4)
+            torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-6)

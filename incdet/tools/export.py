@@ -1,11 +1,14 @@
-"""Export a step's detector to TorchScript or ONNX, with a metadata JSON beside it.
+"""Export a step's detector to TorchScript, ONNX or a torchvision state dict, with a metadata JSON.
 
     python tools/export.py --checkpoint runs/exp/step_1/checkpoint.pt --format onnx --out det.onnx
 
 Writes OUT and OUT.json (class names and dataset category ids in output order, the step
 history, the input convention, the score threshold). The exported model takes one RGB float
 image in [0, 1] of shape (3, H, W) and returns boxes (xyxy, input pixels), scores and category
-ids. The export is verified by running the written file on sample images of several sizes
+ids. ``--format state_dict`` saves the weights of the torchvision RetinaNet instead
+(``torch.save(model.state_dict())``; the detector ``tools/import_detector.py --arch incdet``
+rebuilds from the config's model settings, with OUT.json as its ``--classes``). The export is
+verified by running the written file on sample images of several sizes
 against the eager model; a mismatch fails with the numbers and writes nothing.
 """
 from __future__ import annotations
@@ -16,9 +19,11 @@ from incdet.cli import main_guard, setup_logging
 
 
 def main(argv=None) -> int:
+    from incdet.export import FORMATS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="step_<t>/checkpoint.pt")
-    parser.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="output file (.pt / .onnx)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     parser.add_argument("--device", default="auto",
