@@ -76,3 +76,20 @@ def test_config_saved_before_reduced_tail_existed_rebuilds_the_full_tail():
     assert msg.startswith("runs/x/step_0/checkpoint.pt: the checkpoint's weights do not fit")
     assert "model.reduced_tail: true here, false in the checkpoint" in msg
     assert "--set model.KEY=VALUE" in msg and "fpn_channels" not in msg
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Not mkstemp's 0600: a results file another user (or a web server) reads is readable."""
+    import os
+
+    from incdet.io import atomic_torch_save, atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "m.json", {"a": 1})
+        atomic_torch_save(tmp_path / "c.pt", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
