@@ -63,8 +63,10 @@ def table(summary: dict, markdown: bool = False) -> str:
             row = [name, str(m["step"])]
             for g in ("old", "new", "all"):
                 row += [_fmt(m["map"][g][k]) for k in ("AP", "AP50", "AP75")]
-            row += [_fmt(_mean_forgetting(m)), f"{m['train']['seconds']:.0f}",
-                    f"{m['train']['images_per_second']:.1f}"]
+            trained = m["train"].get("iterations", 1) > 0  # an imported step 0 trained none
+            row += [_fmt(_mean_forgetting(m)),
+                    f"{m['train']['seconds']:.0f}" if trained else "–",
+                    f"{m['train']['images_per_second']:.1f}" if trained else "–"]
             rows.append(row)
     if markdown:
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

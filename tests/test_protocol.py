@@ -194,3 +194,18 @@ def test_a_step_can_record_its_ap_curve(tiny_config, tmp_path):
     with pytest.raises(UserError, match="eval.every_iters: 2 must be a multiple of "
                                         "train.checkpoint_every"):
         run_step(bad, 0, tmp_path / "c", progress=False)
+
+
+def test_table_shows_no_training_time_for_an_imported_step_0():
+    from incdet.report import table
+
+    def step(t, seconds, iterations, ips):
+        return {"step": t, "map": {g: {"AP": 0.5, "AP50": 0.6, "AP75": 0.4}
+                                   for g in ("old", "new", "all")},
+                "forgetting": {}, "train": {"seconds": seconds, "iterations": iterations,
+                                            "images_per_second": ips}}
+
+    text = table({"methods": {"incdet": [step(0, 0.0, 0, 0.0), step(1, 590.4, 300, 9.14)]}})
+    rows = [line.split() for line in text.splitlines()[1:]]
+    assert rows[0][-2:] == ["–", "–"]  # imported: nothing trained, no 0 s or 0.0 img/s
+    assert rows[1][-2:] == ["590", "9.1"]
