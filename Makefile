@@ -25,7 +25,7 @@ demo: setup
 	# step 1: the other 5 classes, with only their images, by incdet and by finetune
 	$(BIN)/python tools/run_protocol.py --config configs/shapes_demo.yaml --work-dir $(WORK) \
 		--step0 $(WORK)/imported/step_0 --methods incdet,finetune
-	@echo "joint training (the upper bound) needs more time than the demo has: its figures are in docs/benchmarks.md"
+	@echo "joint at equal compute needs more time than the demo has: its figures are in docs/benchmarks.md"
 
 test: setup
 	$(BIN)/python -m pytest tests

@@ -81,6 +81,11 @@ def table(summary: dict, markdown: bool = False) -> str:
         text = ", ".join(f"{n} {_fmt(v, '.2f')}" for n, v in ratios.items() if n != "joint")
         lines += ["", f"final all-classes AP / joint: {text}",
                   f"({summary.get('joint_reference', 'joint')})"]
+    elif "joint_reference" in summary:  # a one-step joint: no ratio against it
+        lines += ["", f"no ratio to joint: {summary['joint_reference']}"]
+    elif "joint" not in summary["methods"]:
+        lines += ["", "no ratio to joint: joint (the upper bound: trained from scratch on every "
+                  "class with the run's total compute) is not among the methods"]
     return "\n".join(lines)
 
 
