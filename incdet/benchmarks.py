@@ -12,12 +12,11 @@ import torch
 
 from incdet import methods
 from incdet.config import differing_keys, load_config
-from incdet.data.dataset import DetectionDataset, collate
 from incdet.data.records import filter_for_classes
 from incdet.engine import build_optimizer, seed_everything
 from incdet.errors import UserError
 from incdet.protocol import run_protocol, share_step0
-from incdet.step import load_experiment
+from incdet.step import load_experiment, new_class_batch
 
 
 def accuracy(cfg: dict, work_dir: Path, variants: dict[str, list[str]], progress: bool) -> dict:
@@ -142,12 +141,7 @@ def iteration_cost(cfg: dict, iters: int = 10, batch_size: int = 8, progress: bo
     alternately in one process so that machine noise hits both alike."""
     seed_everything(0)
     cfg = copy.deepcopy(cfg)
-    train_set, _, classes = load_experiment(cfg, progress)
-    sc = classes.step(1)
-    records = filter_for_classes(train_set.records, sc.new)[:batch_size]
-    plan = methods.plan_step("incdet", classes, sc)
-    dataset = DetectionDataset(records, classes.label_of, [plan.label_space] * len(records))
-    images, targets = collate([dataset[i] for i in range(len(records))])
+    classes, sc, plan, images, targets = new_class_batch(cfg, batch_size, progress=progress)
     previous_model = methods.build_model(cfg["model"], [len(sc.old)])
     previous = {"model": previous_model.state_dict(), "head_layout": [len(sc.old)]}
     student = methods.build_student(cfg, sc, plan, previous)
@@ -174,7 +168,7 @@ def iteration_cost(cfg: dict, iters: int = 10, batch_size: int = 8, progress: bo
         times["plain"].append(one(plain))
         times["incdet"].append(one(incdet))
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    return {"batch_size": len(records), "iters": iters, "plain_s": med["plain"],
+    return {"batch_size": len(images), "iters": iters, "plain_s": med["plain"],
             "incdet_s": med["incdet"], "ratio": med["incdet"] / med["plain"]}
 
 
@@ -427,16 +421,11 @@ def _branch_cost(cfg: dict, previous: dict, iters: int, batch_size: int = 8) -> 
     """Seconds per training iteration of ``branch`` (frozen backbone, own tower, no teacher)
     and ``incdet`` (whole student plus a teacher) on one fixed batch, alternating."""
     seed_everything(0)
-    train_set, _, classes = load_experiment(cfg, progress=False)
-    sc = classes.step(1)
-    records = filter_for_classes(train_set.records, sc.new)[:batch_size]
     fns, optimizers = {}, {}
     for method in ("branch", "incdet"):
         mcfg = copy.deepcopy(cfg)
         mcfg["incremental"]["method"] = method
-        plan = methods.plan_step(method, classes, sc)
-        dataset = DetectionDataset(records, classes.label_of, [plan.label_space] * len(records))
-        batch = collate([dataset[i] for i in range(len(records))])
+        classes, sc, plan, *batch = new_class_batch(cfg, batch_size, method)
         student = methods.build_student(mcfg, sc, plan, previous)
         teacher = methods.build_teacher(mcfg, previous) if plan.uses_teacher else None
         criterion = methods.make_criterion(mcfg, student, teacher, plan, classes, sc)
@@ -463,5 +452,5 @@ def _branch_cost(cfg: dict, previous: dict, iters: int, batch_size: int = 8) -> 
         for m in fns:
             times[m].append(one(m))
     med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
-    return {"batch_size": len(records), "iters": iters, "branch_s": med["branch"],
+    return {"batch_size": len(batch[0]), "iters": iters, "branch_s": med["branch"],
             "incdet_s": med["incdet"], "branch_over_incdet": med["branch"] / med["incdet"]}

@@ -28,10 +28,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from incdet import methods
-from incdet.data.dataset import DetectionDataset, collate
-from incdet.data.records import filter_for_classes
 from incdet.engine import build_optimizer, build_scheduler, seed_everything, train
-from incdet.step import load_experiment
+from incdet.step import new_class_batch
 
 
 class _MarkBackward(torch.autograd.Function):
@@ -132,12 +130,7 @@ def host_cost(cfg: dict, iters: int = 5, warmup: int = 2, batch_size: int = 16,
 def _host_cost(cfg: dict, iters: int, warmup: int, batch_size: int, progress: bool) -> dict:
     seed_everything(0)
     tcfg = dict(cfg["train"], batch_size=batch_size, lr=1e-4, warmup_iters=0)
-    train_set, _, classes = load_experiment(cfg, progress)
-    sc = classes.step(1)
-    records = filter_for_classes(train_set.records, sc.new)[:batch_size]
-    plan = methods.plan_step("incdet", classes, sc)
-    dataset = DetectionDataset(records, classes.label_of, [plan.label_space] * len(records))
-    images, targets = collate([dataset[i] for i in range(len(records))])
+    classes, sc, plan, images, targets = new_class_batch(cfg, batch_size, progress=progress)
     previous = {"model": methods.build_model(cfg["model"], [len(sc.old)]).state_dict(),
                 "head_layout": [len(sc.old)]}
     student = methods.build_student(cfg, sc, plan, previous)
@@ -215,7 +208,7 @@ def _host_cost(cfg: dict, iters: int, warmup: int, batch_size: int, progress: bo
         row["host"] = seconds - row["model_forward"] - row["backward"]
         rows.append(row)
     out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    out.update(batch_size=len(records), iters=iters, threads=torch.get_num_threads())
+    out.update(batch_size=len(images), iters=iters, threads=torch.get_num_threads())
     out["host_share"] = out["host"] / out["iteration"]
     host_parts = ("transform", "anchors", "loss", "loop")
     out["ops"] = {k: counter.ops[k] for k in host_parts}

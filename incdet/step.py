@@ -23,7 +23,7 @@ from incdet import methods
 from incdet.checkpoint import check_compatible, load_checkpoint, load_model_state, save_checkpoint
 from incdet.classes import ClassSpace, merge_categories
 from incdet.config import apply_overrides, dump_config, strip_private, with_defaults
-from incdet.data.dataset import DetectionDataset, make_loader
+from incdet.data.dataset import DetectionDataset, collate, make_loader
 from incdet.data.records import filter_for_classes
 from incdet.data.sampler import MixedBatchSampler, check_replay_mode
 from incdet.data.sources import ensure_builtin, load_subset
@@ -185,6 +185,20 @@ def load_experiment(cfg: dict, progress: bool = True):
         order = imported + sorted({int(c["id"]) for c in categories} - set(imported))
     classes = ClassSpace(categories, cfg["split"], order)
     return train_set, val_set, classes
+
+
+def new_class_batch(cfg: dict, batch_size: int, method: str = "incdet", t: int = 1,
+                    progress: bool = False):
+    """One fixed batch for cost measurements: the first ``batch_size`` training images of step
+    ``t``'s new classes, annotated for ``method``'s label space, without augmentation. Returns
+    ``(classes, step classes, plan, images, targets)``."""
+    train_set, _, classes = load_experiment(cfg, progress)
+    sc = classes.step(t)
+    records = filter_for_classes(train_set.records, sc.new)[:batch_size]
+    plan = methods.plan_step(method, classes, sc)
+    dataset = DetectionDataset(records, classes.label_of, [plan.label_space] * len(records))
+    images, targets = collate([dataset[i] for i in range(len(records))])
+    return classes, sc, plan, images, targets
 
 
 def metric_groups(classes: ClassSpace, t: int) -> dict[str, tuple[int, ...]]:
