@@ -106,7 +106,9 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 1,  # loader processes, or auto: the free CPU cores (at most 8)
         "threads": None,  # torch intra-op threads (null: torch's default)
         "device": "auto",  # auto | cpu | cuda | cuda:N (under torchrun: one GPU per process)
-        "amp": None,  # null | bf16 | fp16: autocast mixed precision (fp16 on CUDA only)
+        # null | auto | bf16 | fp16: autocast mixed precision (fp16 on CUDA only; auto: bf16 on
+        # a GPU that supports it, full precision elsewhere)
+        "amp": None,
         "channels_last": False,  # memory format for convolutions (faster on recent GPUs)
         "sync_bn": False,  # SyncBatchNorm across processes under torchrun (GPUs)
         "log_every": 20,  # TensorBoard logging interval, iterations

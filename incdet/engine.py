@@ -96,12 +96,15 @@ def reset_peak_memory(device) -> None:
 
 
 def autocast_dtype(tcfg: dict, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.amp`` (null: full precision)."""
+    """The autocast dtype of ``train.amp`` (null: full precision; ``auto``: bf16 on a CUDA
+    device that supports it, full precision elsewhere, CPU included)."""
     amp = tcfg.get("amp")
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     if amp in (None, False, "none"):
         return None
     if amp not in ("bf16", "fp16"):
-        raise UserError(f"train.amp: {amp!r} is not one of null, bf16, fp16")
+        raise UserError(f"train.amp: {amp!r} is not one of null, auto, bf16, fp16")
     if amp == "fp16" and device.type != "cuda":
         raise UserError("train.amp: fp16 needs a CUDA device; use bf16 on CPU, or null")
     return torch.bfloat16 if amp == "bf16" else torch.float16

@@ -193,3 +193,17 @@ def test_loss_terms_are_read_back_every_log_every_and_at_epoch_ends(tmp_path, mo
         for k, v in sums.items():
             assert line[k] == round(v / 7, 5)
         assert line["loss_box_weighted"] == round(0.5 * sums["loss_box"] / 7, 5)
+
+
+def test_amp_auto_is_full_precision_on_cpu_and_bf16_on_a_gpu_that_has_it(monkeypatch):
+    from incdet.engine import autocast_dtype, precision_name
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype({"amp": "auto"}, cpu) is None
+    assert precision_name({"amp": "auto"}, cpu) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert autocast_dtype({"amp": "auto"}, torch.device("cuda")) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert autocast_dtype({"amp": "auto"}, torch.device("cuda")) is None
+    with pytest.raises(UserError, match="train.amp: 'fp8' is not one of null, auto, bf16, fp16"):
+        autocast_dtype({"amp": "fp8"}, cpu)

@@ -1,6 +1,10 @@
 import json
 
+import pytest
+import torch
+
 from incdet.config import load_config
+from incdet.errors import UserError
 from incdet.protocol import method_variants, run_protocol
 
 
@@ -210,3 +214,37 @@ def test_table_shows_no_training_time_for_an_imported_step_0():
     assert rows[0][-2:] == ["–", "–"]  # imported: nothing trained, no 0 s or 0.0 img/s
     assert rows[1][-2:] == ["590", "9.1"]
     assert text.splitlines()[-1].startswith("no ratio to joint: joint (the upper bound")
+
+
+def test_model_cost_times_every_variant_side_by_side(tiny_config):
+    """The gpu section's measurement, run on CPU: every variant in each precision, medians,
+    images/s and the speed-up over torchvision's v2, consistent with each other."""
+    from incdet.benchmarks import model_cost
+    from incdet.config import load_config
+
+    r = model_cost(load_config(tiny_config), "cpu", ("fp32",), iters=1, batch_size=2)
+    names = {"incdet_step0", "incdet_step1", "branch", "tv_v1", "tv_v2"}
+    assert r["device"] == "cpu" and r["batch_size"] == 2
+    assert r["image_size"] == {"min_size": 64, "max_size": 64}
+    for precision in ("fp32",):  # bf16 takes the same path under autocast (slow on CPU)
+        seconds = r["seconds"][precision]
+        assert set(seconds) == names and all(s > 0 for s in seconds.values())
+        for n in names:
+            assert r["images_per_second"][precision][n] == pytest.approx(2 / seconds[n])
+            assert r["speedup_over_tv_v2"][precision][n] == pytest.approx(
+                seconds["tv_v2"] / seconds[n])
+        assert r["speedup_over_tv_v2"][precision]["tv_v2"] == 1.0
+    assert "peak_gpu_memory_gib" not in r
+    with pytest.raises(UserError, match="precision 'fp8'"):
+        model_cost(load_config(tiny_config), "cpu", ("fp8",), iters=1, batch_size=2)
+
+
+def test_training_throughput_runs_the_loop_on_the_given_device(tiny_config):
+    from incdet.benchmarks import training_throughput
+
+    r = training_throughput(load_config(tiny_config), iters=2, device="cpu")
+    assert r["device"] == "cpu" and r["batch_size"] == 4 and r["iters"] == 2
+    assert r["images_per_second"] > 0
+    if not torch.cuda.is_available():  # a device that is not here: one clear error
+        with pytest.raises(UserError, match="CUDA is not available"):
+            training_throughput(load_config(tiny_config), iters=2, device="cuda")

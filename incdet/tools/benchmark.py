@@ -16,7 +16,7 @@ import time
 from incdet.cli import main_guard, setup_logging
 
 SECTIONS = ("throughput", "cost", "herding", "2step", "4step", "6step", "inference",
-            "pretrained")
+            "pretrained", "gpu")
 PROTOCOLS = {"2step": "shapes_2step", "4step": "shapes_4step", "6step": "shapes_6step"}
 # the pretrained section's variants: step 1 from an imported step-0 detector, no memory
 PRETRAINED = {"branch": ["incremental.method=branch"], "incdet": ["incremental.method=incdet"],
@@ -98,6 +98,7 @@ def main(argv=None) -> int:
             report["results"] = json.load(f).get("results", {})
     except (OSError, ValueError):
         pass
+    written = False
     for section in sections:
         if section not in SECTIONS:
             raise SystemExit(f"unknown section {section!r}; choose from {', '.join(SECTIONS)}")
@@ -136,6 +137,35 @@ def main(argv=None) -> int:
                 f"{k} {v:.1f}" for k, v in ips.items()))
             print(f"[inference] grown / plain torchvision: {r['grown_over_plain']:.3f}, "
                   f"fused / plain: {r['fused_over_plain']:.3f}")
+        elif section == "gpu":
+            if not torch.cuda.is_available():
+                print("[gpu] skipped: no CUDA device here (torch.cuda.is_available() is False); "
+                      "run --sections gpu on a machine with a GPU")
+                continue
+            r = {}
+            # the CPU preset and the COCO preset's model (R50-FPN, 800 px) on the built-in data
+            gpu = ["train.device=cuda", "train.channels_last=true", "train.num_workers=auto"]
+            cpu_cfg = load_config("configs/shapes_2step.yaml", args.overrides + gpu)
+            coco_cfg = load_config("configs/shapes_2step.yaml", args.overrides + gpu)
+            coco = load_config("configs/_coco_base.yaml")
+            coco_cfg["model"] = dict(coco["model"], weights=None)
+            coco_cfg["loss"]["box"] = coco["loss"]["box"]
+            n = 3 if args.quick else 10
+            for name, cfg in (("cpu_preset", cpu_cfg), ("coco_preset", coco_cfg)):
+                r[name] = benchmarks.model_cost(cfg, "cuda", iters=n, batch_size=16)
+                for amp in ("null", "bf16"):
+                    tcfg = load_config("configs/shapes_2step.yaml",
+                                       args.overrides + gpu + [f"train.amp={amp}"])
+                    tcfg["model"], tcfg["loss"] = cfg["model"], cfg["loss"]
+                    r[name][f"training_images_per_second_{amp}"] = \
+                        benchmarks.training_throughput(tcfg, iters=10 if args.quick else 50,
+                                                       device="cuda")["images_per_second"]
+                for p, sp in r[name]["speedup_over_tv_v2"].items():
+                    print(f"[gpu] {name} {p}: speed-up over torchvision v2 (model only, batch "
+                          f"16): " + ", ".join(f"{k} {v:.2f}" for k, v in sp.items()))
+                ips = {a: r[name][f"training_images_per_second_{a}"] for a in ("null", "bf16")}
+                print(f"[gpu] {name}: training loop {ips['null']:.0f} images/s fp32, "
+                      f"{ips['bf16']:.0f} bf16; peak {r[name]['peak_gpu_memory_gib']:.1f} GiB")
         elif section == "pretrained":
             cfg = load_config("configs/shapes_2step.yaml",
                               args.overrides + [f"train.max_iters={iters}"])
@@ -200,7 +230,9 @@ def main(argv=None) -> int:
         r["date"] = report["date"]
         report["results"][section] = r
         atomic_write_json(out_path, report)
-    print(f"results: {out_path}")
+        written = True
+    if written:
+        print(f"results: {out_path}")
     return 0
 
 
