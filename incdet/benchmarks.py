@@ -13,7 +13,7 @@ import torch
 from incdet import methods
 from incdet.config import differing_keys, load_config
 from incdet.data.records import filter_for_classes
-from incdet.engine import build_optimizer, seed_everything
+from incdet.engine import batch_to, build_optimizer, seed_everything
 from incdet.errors import UserError
 from incdet.protocol import run_protocol, share_step0
 from incdet.step import load_experiment, new_class_batch
@@ -199,9 +199,7 @@ def training_throughput(cfg: dict, iters: int = 30, progress: bool = False,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0, seen = time.perf_counter(), 0
-        images = [img.to(device, non_blocking=True) for img in images]
-        targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
-                    for k, v in t.items()} for t in targets]
+        images, targets = batch_to(images, targets, device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             losses = loss_fn(images, targets)
         optimizer.zero_grad(set_to_none=True)
@@ -497,12 +495,6 @@ def model_cost(cfg: dict, device: str | torch.device = "auto", precisions=("fp32
     memory_format = (torch.channels_last if cfg["train"].get("channels_last")
                      else torch.contiguous_format)
 
-    def on_device(batch):
-        images, targets = batch
-        return ([img.to(device) for img in images],
-                [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
-                 for t in targets])
-
     classes, sc, plan, *batch1 = new_class_batch(cfg, batch_size, "incdet", 1, progress)
     _, sc0, plan0, *batch0 = new_class_batch(cfg, batch_size, "incdet", 0)
     _, _, plan_b, *batch_b = new_class_batch(cfg, batch_size, "branch", 1)
@@ -520,7 +512,7 @@ def model_cost(cfg: dict, device: str | torch.device = "auto", precisions=("fp32
             teacher = methods.build_teacher(vcfg, prev).to(device, memory_format=memory_format)
         criterion = methods.make_criterion(vcfg, student, teacher, step_plan, classes,
                                            step_classes)
-        runs[name] = (student, criterion, on_device(batch))
+        runs[name] = (student, criterion, batch_to(*batch, device))
 
     incdet_variant("incdet_step0", "incdet", sc0, plan0, batch0, None)
     incdet_variant("incdet_step1", "incdet", sc, plan, batch1, previous)
@@ -530,7 +522,7 @@ def model_cost(cfg: dict, device: str | torch.device = "auto", precisions=("fp32
         model = build_torchvision(arch, len(sc.seen))
         model.transform.min_size, model.transform.max_size = (size["min_size"],), size["max_size"]
         model = model.to(device, memory_format=memory_format)
-        runs[name] = (model, model, on_device(batch1))
+        runs[name] = (model, model, batch_to(*batch1, device))
     optimizers = {}
     for name, (model, _, _) in runs.items():
         optimizers[name] = build_optimizer(model, dict(cfg["train"], lr=1e-5))

@@ -163,6 +163,13 @@ def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -
     return sum(w[k] * v for k, v in losses.items())
 
 
+def batch_to(images, targets, device: torch.device) -> tuple[list, list[dict]]:
+    """A loader batch on ``device``: the images, and every tensor of every target."""
+    return ([img.to(device, non_blocking=True) for img in images],
+            [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+              for k, v in t.items()} for t in targets])
+
+
 class LossSums:
     """Per-epoch sums of the loss terms and the total, kept on the device and read back only
     when asked. The sums are float64 and add the float32 values one by one, exactly as a Python
@@ -252,9 +259,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
         for b, (images, targets) in enumerate(loader):
             if b < skip:  # already trained on before the interruption
                 continue
-            images = [img.to(device, non_blocking=True) for img in images]
-            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
-                       for t in targets]
+            images, targets = batch_to(images, targets, device)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
                 losses = loss_fn(images, targets)
