@@ -60,10 +60,12 @@ def read_joint_reference(metrics_path: str | Path, cfg: dict, all_classes: list[
     with open(metrics_path) as f:
         metrics = json.load(f)
     ref_cfg = load_config(cfg_path)
-    # the same data may live elsewhere; how often a run saves or logs does not change it
-    budget = {("data", "root"), ("train", "checkpoint_every"), ("train", "log_every")}
+    # the same data may live elsewhere; how often a run saves or logs, and on how many threads
+    # it computes, does not change it
+    budget = {("data", "root"), ("train", "checkpoint_every"), ("train", "log_every"),
+              ("train", "threads")}
     if iterations is not None:  # the budget is checked by the iterations trained instead
-        budget |= {("train", "max_iters"), ("train", "epochs")}
+        budget |= {("train", "max_iters"), ("train", "epochs"), ("train", "iters_per_class")}
     diffs = [f"{section}.{k}" for section in ("data", "model", "augment", "loss", "train")
              for k in differing_keys(cfg[section], ref_cfg[section]) if (section, k) not in budget]
     trained = metrics.get("train", {}).get("iterations")

@@ -89,8 +89,11 @@ DEFAULTS: dict[str, Any] = {
                     "loss_distill_box": 1.0},
     },
     "train": {
-        "epochs": 12,  # per step, when max_iters is null
+        "epochs": 12,  # per step, when max_iters and iters_per_class are null
         "max_iters": None,  # stop after this many iterations (overrides epochs when set)
+        # a step's budget scales with its classes: this many iterations per class the step adds
+        # (overrides max_iters and epochs when set; the equal-compute joint trains the sum)
+        "iters_per_class": None,
         "batch_size": 16,  # images per iteration and process (new images; memory replay adds)
         "optimizer": "adamw",  # sgd | adamw
         "lr": 0.007,  # AdamW at batch 16 (5e-3 was tuned at batch 8)

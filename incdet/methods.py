@@ -47,10 +47,17 @@ class Plan:
 JOINT_BUDGETS = ("equal", "step")
 
 
-def step_iterations(cfg: dict, num_images: int) -> int:
-    """One step's budget: ``train.max_iters``, or ``train.epochs`` over ``num_images`` images
-    in full batches of ``train.batch_size``."""
+def step_iterations(cfg: dict, num_images: int, num_classes: int) -> int:
+    """One step's budget: ``train.iters_per_class`` times the ``num_classes`` it adds, else
+    ``train.max_iters``, else ``train.epochs`` over ``num_images`` images in full batches of
+    ``train.batch_size``."""
     tcfg = cfg["train"]
+    per_class = tcfg.get("iters_per_class")
+    if per_class is not None:
+        if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+            raise UserError(f"train.iters_per_class: {per_class!r} is not a positive integer; "
+                            "give iterations per class (e.g. 290) or null")
+        return per_class * num_classes
     if tcfg.get("max_iters"):
         return int(tcfg["max_iters"])
     bs = int(tcfg["batch_size"])
@@ -58,20 +65,27 @@ def step_iterations(cfg: dict, num_images: int) -> int:
 
 
 def training_budget(cfg: dict, classes: ClassSpace, records, t: int, batches: int) -> int:
-    """Iterations of step ``t``: its own budget (``batches`` per epoch with ``train.epochs``);
-    for ``joint`` with ``incremental.joint_budget: equal`` (the default) the sum of the budgets
-    of steps ``0..t`` of the incremental run (each step's budget counted over its new-class
+    """Iterations of step ``t``: its own budget (``train.iters_per_class`` times its new
+    classes, ``train.max_iters``, or ``train.epochs`` of ``batches``); for ``joint`` with
+    ``incremental.joint_budget: equal`` (the default) the sum of the budgets of steps ``0..t``
+    of the incremental run (each step's budget counted over its new classes and new-class
     images, as the incremental steps train), so that the upper bound has the same compute."""
     tcfg = cfg["train"]
-    own = int(tcfg["max_iters"]) if tcfg.get("max_iters") else int(tcfg["epochs"]) * batches
     rule = cfg["incremental"].get("joint_budget", "equal")
     check_choice("incremental.joint_budget", rule, JOINT_BUDGETS)
     if cfg["incremental"]["method"] != "joint" or t == 0 or rule == "step":
-        return own
+        if tcfg.get("iters_per_class") is None and not tcfg.get("max_iters"):
+            return int(tcfg["epochs"]) * batches
+        return step_iterations(cfg, 0, len(classes.steps[t]))
+    return incremental_iterations(cfg, classes, records, t)
+
+
+def incremental_iterations(cfg: dict, classes: ClassSpace, records, t: int) -> int:
+    """The iterations an incremental run spends on steps ``0..t`` together."""
     from incdet.data.records import filter_for_classes
 
-    return sum(step_iterations(cfg, len(filter_for_classes(records, classes.steps[s])))
-               for s in range(t + 1))
+    return sum(step_iterations(cfg, len(filter_for_classes(records, classes.steps[s])),
+                               len(classes.steps[s])) for s in range(t + 1))
 
 
 def memory_enabled(cfg: dict) -> bool:

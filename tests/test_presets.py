@@ -37,3 +37,16 @@ def test_preset_resolves(path: Path):
     assert [len(s) for s in classes.steps] == EXPECTED_STEPS[path.stem]
     assert sorted(classes.order) == sorted(c["id"] for c in cats)
     assert Path(cfg["data"]["root"]).is_absolute()
+
+
+@pytest.mark.parametrize("name", ["shapes_4step", "shapes_6step"])
+def test_long_protocols_share_one_equal_compute_joint(name):
+    """Their budgets scale with the classes a step adds, so the equal-compute joint of both
+    is the same 2900 iterations on all 10 classes (the 2-step benchmark's 2 x 1450)."""
+    from incdet.methods import incremental_iterations, training_budget
+
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    classes = ClassSpace(SHAPES, cfg["split"], cfg["class_order"])
+    budgets = [training_budget(cfg, classes, [], t, 1) for t in range(classes.num_steps)]
+    assert budgets == [290 * len(s) for s in classes.steps]
+    assert incremental_iterations(cfg, classes, [], classes.num_steps - 1) == sum(budgets) == 2900

@@ -116,6 +116,10 @@ def test_joint_reference_is_used_only_when_trained_the_same_way(tmp_path):
     assert read_joint_reference(ref / "metrics.json", cfg, [1, 2, 3, 4], iterations=80) == 0.4
     with pytest.raises(UserError, match="80 iterations \\(the equal-compute joint needs 160"):
         read_joint_reference(ref / "metrics.json", cfg, [1, 2, 3, 4], iterations=160)
+    # a per-class budget (20 x 4 classes) and another thread count describe the same reference
+    per_class = load_config(None, ["split=2+2", "train.iters_per_class=20", "train.threads=1"])
+    assert read_joint_reference(ref / "metrics.json", per_class, [1, 2, 3, 4],
+                                iterations=80) == 0.4
 
 
 def test_joint_budget_rule(tiny_config):
@@ -138,6 +142,29 @@ def test_joint_budget_rule(tiny_config):
         training_budget(cfg, classes, [], 1, 5)
 
 
+def test_iters_per_class_budget(tiny_config):
+    """A step's budget scales with the classes it adds ("4+3+3"); the equal-compute joint
+    trains the sum, which is iters_per_class times every seen class."""
+    import pytest
+
+    from incdet.errors import UserError
+    from incdet.methods import incremental_iterations, training_budget
+    from incdet.step import load_experiment
+
+    cfg = load_config(tiny_config, ["train.iters_per_class=5"])  # overrides max_iters: 3
+    _, _, classes = load_experiment(cfg, progress=False)
+    assert [training_budget(cfg, classes, [], t, 7) for t in range(3)] == [20, 15, 15]
+    assert incremental_iterations(cfg, classes, [], 2) == 50
+    cfg["incremental"]["method"] = "joint"
+    assert [training_budget(cfg, classes, [], t, 7) for t in range(3)] == [20, 35, 50]
+    cfg["incremental"]["joint_budget"] = "step"
+    assert training_budget(cfg, classes, [], 2, 7) == 15
+    for bad in (0, 2.5, True):
+        cfg["train"]["iters_per_class"] = bad
+        with pytest.raises(UserError, match="train.iters_per_class: .* is not a positive integer"):
+            training_budget(cfg, classes, [], 0, 7)
+
+
 def test_benchmark_refuses_joint_reference_beside_joint(tmp_path, capsys):
     import importlib.util
 
@@ -154,6 +181,38 @@ def test_benchmark_refuses_joint_reference_beside_joint(tmp_path, capsys):
     assert e.value.code == 2
     assert "--joint-reference replaces training joint" in capsys.readouterr().err
     assert not (tmp_path / "benchmark.json").exists()
+
+
+def test_benchmark_keeps_sections_written_meanwhile(tmp_path, monkeypatch, capsys):
+    """Two benchmark runs sharing --out (say 4step and 6step in parallel) keep each other's
+    sections: a run merges its section into the file as it is when it writes."""
+    import importlib.util
+
+    import pytest
+
+    from conftest import ROOT
+    from incdet import benchmarks
+
+    spec = importlib.util.spec_from_file_location("benchmark_tool", ROOT / "tools" / "benchmark.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "bm"
+    out.mkdir()
+    (out / "benchmark.json").write_text(json.dumps({"results": {"4step": {"old": 1}}}))
+
+    def herding_time(sizes):  # another run finishes its section while this one works
+        (out / "benchmark.json").write_text(json.dumps(
+            {"results": {"4step": {"old": 1}, "6step": {"final_ap": {"incdet": 0.5}}}}))
+        return {n: {"seconds": 1.0 + n / 1000, "pairs": n} for n in sizes}
+
+    monkeypatch.setattr(benchmarks, "herding_time", herding_time)
+    assert tool.main(["--sections", "herding", "--quick", "--out", str(out)]) == 0
+    results = json.loads((out / "benchmark.json").read_text())["results"]
+    assert results["6step"] == {"final_ap": {"incdet": 0.5}} and results["4step"] == {"old": 1}
+    assert results["herding"]["ratio_4n_to_n"] == pytest.approx(5.0 / 2.0)
+    with pytest.raises(SystemExit):
+        tool.main(["--sections", "6step", "--iters-per-class", "0", "--out", str(out)])
+    assert "--iters-per-class 0: expected a positive integer" in capsys.readouterr().err
 
 
 def test_seeds_are_summarised_with_mean_and_spread():

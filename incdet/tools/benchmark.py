@@ -33,6 +33,10 @@ def main(argv=None) -> int:
                         help="small budgets: every section in under 10 minutes "
                              "(figures are noise-level)")
     parser.add_argument("--iters", type=int, help="training iterations per step (all methods)")
+    parser.add_argument("--iters-per-class", type=int, metavar="N",
+                        help="accuracy sections: a step's budget is N iterations per class it "
+                             "adds (train.iters_per_class) instead of --iters per step; the "
+                             "equal-compute joint trains N times all the classes")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--methods", default="incdet_memory,incdet,finetune,joint",
                         help="variants: incdet_memory (with the exemplar memory), incdet, "
@@ -43,7 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--joint-reference", metavar="METRICS_JSON",
                         help="without joint among --methods: take joint's AP from this finished "
                              "step-0 run on all classes with the same recipe and the "
-                             "equal-compute budget (--iters times the number of steps), e.g. "
+                             "equal-compute budget (the incremental steps' budgets together), "
+                             "e.g. "
                              "runs/joint/step_0/metrics.json of configs/shapes_joint.yaml; "
                              "{seed} in the path stands for each seed")
     parser.add_argument("--seeds", help="comma-separated training seeds for the accuracy "
@@ -71,6 +76,8 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--seeds {args.seeds!r}: expected integers such as 0,1")
     methods = [m for m in args.methods.split(",") if m]
+    if args.iters_per_class is not None and args.iters_per_class < 1:
+        parser.error(f"--iters-per-class {args.iters_per_class}: expected a positive integer")
     if args.joint_reference and any(m.split("@")[0] == "joint" for m in methods):
         parser.error("--joint-reference replaces training joint: drop joint from --methods, or "
                      "drop --joint-reference to train it")
@@ -80,9 +87,21 @@ def main(argv=None) -> int:
     from incdet import benchmarks
     from incdet.config import load_config
     from incdet.io import atomic_write_json
+    from incdet.methods import incremental_iterations
     from incdet.step import load_experiment
 
+    def total_iterations(cfg: dict) -> int:
+        """The incremental run's steps together: the equal-compute joint's budget."""
+        classes = load_experiment(cfg, progress=False)[2]
+        return incremental_iterations(cfg, classes, [], classes.num_steps - 1)
+
     iters = args.iters or (20 if args.quick else 600)
+    # the accuracy sections' budget: per step, or per class a step adds
+    if args.iters_per_class:
+        budget, budget_name = [f"train.iters_per_class={args.iters_per_class}"], \
+            f"{args.iters_per_class}pc"
+    else:
+        budget, budget_name = [f"train.max_iters={iters}", "train.iters_per_class=null"], iters
     if args.quick:  # evaluate on 100 validation images: the quick figures are a smoke check
         args.overrides = ["data.val_max_images=100"] + args.overrides
     progress = not args.no_progress
@@ -93,11 +112,15 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M"), "iters_per_step": iters,
               "overrides": args.overrides, "results": {}}
     out_path = f"{args.out}/benchmark.json"
-    try:  # keep the sections of earlier runs that this run does not redo
-        with open(out_path) as f:
-            report["results"] = json.load(f).get("results", {})
-    except (OSError, ValueError):
-        pass
+
+    def earlier_results() -> dict:
+        """The sections in OUT/benchmark.json now (other runs may write other sections)."""
+        try:
+            with open(out_path) as f:
+                return json.load(f).get("results", {})
+        except (OSError, ValueError):
+            return {}
+
     written = False
     for section in sections:
         if section not in SECTIONS:
@@ -193,25 +216,24 @@ def main(argv=None) -> int:
                 else:
                     variants[entry] = [f"incremental.method={m}", "memory.budget=0"]
                 if m == "joint":  # evaluated at half its budget too: how converged it is
-                    steps = len(load_experiment(load_config(f"configs/{name}.yaml"),
-                                                progress=False)[2].steps)
-                    half = iters * steps // 2
+                    half = total_iterations(load_config(f"configs/{name}.yaml",
+                                                        args.overrides + budget)) // 2
                     variants[entry] += [f"eval.every_iters={half}",
                                         f"train.checkpoint_every={half}"]
                 variants[entry] += extra
             per_seed = {}
             for seed in seeds:
-                cfg = load_config(f"configs/{name}.yaml", args.overrides + [
-                    f"train.max_iters={iters}"] + ([] if seed is None else [f"train.seed={seed}"]))
+                cfg = load_config(f"configs/{name}.yaml", args.overrides + budget + (
+                    [] if seed is None else [f"train.seed={seed}"]))
                 seed = cfg["train"]["seed"]
                 joint_ap = reference = None
                 if "joint" not in variants and args.joint_reference:  # checked before training
                     reference = args.joint_reference.replace("{seed}", str(seed))
                     _, _, classes = load_experiment(cfg, progress=False)
                     joint_ap = benchmarks.read_joint_reference(
-                        reference, cfg, list(classes.order), iterations=iters * classes.num_steps)
+                        reference, cfg, list(classes.order), iterations=total_iterations(cfg))
                 # seed 0 keeps the folder of the runs made before --seeds existed
-                folder = f"{args.out}/{name}_{iters}" + (f"_seed{seed}" if seed else "")
+                folder = f"{args.out}/{name}_{budget_name}" + (f"_seed{seed}" if seed else "")
                 r = benchmarks.accuracy(cfg, folder, variants, progress)
                 if joint_ap is not None:
                     r = benchmarks.with_joint_reference(r, joint_ap, reference)
@@ -224,11 +246,14 @@ def main(argv=None) -> int:
                 if key in r:
                     print(f"[{section}] {label}: " + ", ".join(
                         f"{m}={benchmarks.spread_text(v)}" for m, v in r[key].items()))
-        r["iters_per_step"] = iters if section in ("2step", "4step", "6step", "inference",
-                                                   "pretrained") else None
+        protocol = section in PROTOCOLS
+        r["iters_per_step"] = (iters if section in ("inference", "pretrained") or
+                               (protocol and args.iters_per_class is None) else None)
+        r["iters_per_class"] = args.iters_per_class if protocol else None
         r["overrides"] = args.overrides
         r["date"] = report["date"]
-        report["results"][section] = r
+        # keep the sections that this run does not redo, as they are when it writes
+        report["results"] = dict(earlier_results(), **{section: r})
         atomic_write_json(out_path, report)
         written = True
     if written:
