@@ -190,8 +190,9 @@ def test_benchmark_keeps_sections_written_meanwhile(tmp_path, monkeypatch, capsy
 
     import pytest
 
-    from conftest import ROOT
     from incdet import benchmarks
+
+    from conftest import ROOT
 
     spec = importlib.util.spec_from_file_location("benchmark_tool", ROOT / "tools" / "benchmark.py")
     tool = importlib.util.module_from_spec(spec)
