@@ -16,6 +16,7 @@ from incdet.data.records import filter_for_classes
 from incdet.engine import batch_to, build_optimizer, seed_everything
 from incdet.errors import UserError
 from incdet.protocol import run_protocol, share_step0
+from incdet.report import steps_table
 from incdet.step import load_experiment, new_class_batch
 
 
@@ -250,6 +251,7 @@ def markdown(report: dict) -> str:
     """The README's figures table from a benchmark JSON."""
     res = report["results"]
     lines = ["| figure | value | goal |", "|---|---|---|"]
+    extra: list[str] = []  # the long protocols' tables, after the figures
     if "throughput" in res:
         lines.append(f"| step-0 training throughput (CPU preset, batch "
                      f"{res['throughput']['batch_size']}) | "
@@ -274,10 +276,12 @@ def markdown(report: dict) -> str:
         r = res[name]
         if "seeds" not in r:  # a result written before --seeds: one seed
             r = over_seeds({r.get("seed", 0): r})
-        it = res[name].get("iters_per_step")
+        per_class = res[name].get("iters_per_class")
+        budget = (f"{per_class} iterations per class a step adds" if per_class else
+                  f"the steps' {res[name].get('iters_per_step')}-iteration budgets")
         final, ratio = r["final_ap"], r.get("ratio_to_joint", {})
-        lines.append(f"| {name}: joint AP (all classes; equal compute: the steps' {it}-iteration "
-                     f"budgets together) | {spread_text(final.get('joint'))} | reference |")
+        lines.append(f"| {name}: joint AP (all classes; equal compute: {budget} together) | "
+                     f"{spread_text(final.get('joint'))} | reference |")
         for m, ap in final.items():
             if m == "joint":
                 continue
@@ -293,6 +297,12 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {name}: {m} step-0 classes' AP at the last step / at step 0 | "
                              f"{spread_text(v, '.2f')} | "
                              f"{'≤ 0.3' if m == 'finetune' else 'high'} |")
+        if name != "2step":
+            per: dict[str, list[list[dict]]] = {}  # variant -> per seed, its steps
+            for one in (r.get("seeds") or {"0": r}).values():
+                for m, steps in one.get("steps", {}).items():
+                    per.setdefault(m, []).append(steps)
+            extra += ["", *steps_table(f"{name}: ", per)]
     if "inference" in res:
         r = res["inference"]
         ips = r["images_per_second"]
@@ -304,7 +314,7 @@ def markdown(report: dict) -> str:
         if "onnxruntime_over_eager" in r:
             lines.append(f"| onnxruntime / eager inference | {r['onnxruntime_over_eager']:.2f}× "
                          "| ≥ 1 |")
-    return "\n".join(lines)
+    return "\n".join(lines + extra)
 
 
 def inference_speed(ckpt_path: str | Path, num_images: int = 64, repeats: int = 3,

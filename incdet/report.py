@@ -89,6 +89,38 @@ def table(summary: dict, markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
+def steps_table(title: str, per: dict[str, list[list[dict]]]) -> list[str]:
+    """A protocol's course per method (``per``: method -> one list of step metrics per seed):
+    AP over all seen classes after every step, and at the last step each earlier step group's
+    forgetting (its AP when learned minus its AP at the end); mean over the seeds, with min–max
+    where there are several. Empty for methods with one step (joint's last step only)."""
+    per = {m: runs for m, runs in per.items() if runs and len(runs[0]) > 1}
+    if not per:
+        return []
+    num = max(len(s) for runs in per.values() for s in runs)
+
+    def cell(vals: list) -> str:
+        vals = [v["AP"] if isinstance(v, dict) else v for v in vals]
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "–"
+        mean = sum(vals) / len(vals)
+        return f"{mean:.3f}" + (f" ({min(vals):.3f}–{max(vals):.3f})" if len(vals) > 1 else "")
+
+    head = ([f"after step {t}" for t in range(num)] +
+            [f"forgetting of step {g}" for g in range(num - 1)])
+    lines = [f"{title}AP over all seen classes after each step, and each step group's "
+             "forgetting at the last step (its AP when learned − at the end; mean over seeds, "
+             "min–max)", "",
+             "| method | seeds | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
+    for m, runs in per.items():
+        aps = [cell([s[t]["map"]["all"] for s in runs if t < len(s)]) for t in range(num)]
+        forgot = [cell([s[-1]["forgetting"].get(f"step_{g}") for s in runs])
+                  for g in range(num - 1)]
+        lines.append(f"| {m} | {len(runs)} | " + " | ".join(aps + forgot) + " |")
+    return lines
+
+
 def plot_ap_over_steps(summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -223,9 +255,11 @@ def write_report(results: dict[str, list[dict]], work_dir: str | Path, names: di
         plots["detections"] = work_dir / "detections.png"
         plot_detections(work_dir, list(results), list(val_records), plots["detections"])
         pictures = ["", "![detections of each method after the last step](detections.png)"]
+    steps = steps_table("", {m: [s] for m, s in results.items()})
     lines = [f"# incdet protocol report: {config or ''} (split {split})", "",
              table(summary, markdown=True), "",
              "Forgetting: mean over earlier steps of (their AP when learned − their AP now).", "",
+             *(steps + [""] if max(map(len, results.values()), default=0) > 2 else []),
              "![AP over steps](ap_over_steps.png)", "", "![per-class AP](per_class_ap.png)",
              *pictures, ""]
     atomic_write_text(work_dir / "report.md", "\n".join(lines))

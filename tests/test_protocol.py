@@ -216,6 +216,35 @@ def test_benchmark_keeps_sections_written_meanwhile(tmp_path, monkeypatch, capsy
     assert "--iters-per-class 0: expected a positive integer" in capsys.readouterr().err
 
 
+def test_steps_table_gives_ap_after_each_step_and_forgetting_per_group():
+    from incdet.benchmarks import markdown, over_seeds
+    from incdet.report import steps_table
+
+    def steps(aps, forgetting):  # a benchmark's condensed steps: map values are APs
+        return [{"step": t, "map": {"all": ap}, "forgetting": forgetting if t == len(aps) - 1
+                 else {}} for t, ap in enumerate(aps)]
+
+    per = {"incdet": [steps([0.5, 0.4, 0.3], {"step_0": 0.1, "step_1": 0.2}),
+                      steps([0.7, 0.6, 0.5], {"step_0": 0.3, "step_1": None})],
+           "joint": [[{"step": 2, "map": {"all": 0.6}, "forgetting": {}}]]}
+    lines = steps_table("6step: ", per)
+    assert lines[0].startswith("6step: AP over all seen classes after each step")
+    assert lines[2] == ("| method | seeds | after step 0 | after step 1 | after step 2 | "
+                        "forgetting of step 0 | forgetting of step 1 |")
+    assert lines[4] == ("| incdet | 2 | 0.600 (0.500–0.700) | 0.500 (0.400–0.600) | "
+                        "0.400 (0.300–0.500) | 0.200 (0.100–0.300) | 0.200 |")
+    assert len(lines) == 5  # joint (one step) has no course
+    # the full metrics of a protocol report (map values with AP) give the same cells
+    full = {"incdet": [[dict(s, map={"all": {"AP": s["map"]["all"]}}) for s in per["incdet"][0]]]}
+    assert steps_table("", full)[4] == "| incdet | 1 | 0.500 | 0.400 | 0.300 | 0.100 | 0.200 |"
+    # the benchmark's markdown puts it after the figures of a long protocol
+    r = over_seeds({0: {"final_ap": {"incdet": 0.3}, "step0_retention": {"incdet": 0.6},
+                        "steps": {"incdet": per["incdet"][0]}}})
+    text = markdown({"results": {"6step": dict(r, iters_per_class=290)}})
+    assert "equal compute: 290 iterations per class a step adds together" in text
+    assert text.endswith("| incdet | 1 | 0.500 | 0.400 | 0.300 | 0.100 | 0.200 |")
+
+
 def test_seeds_are_summarised_with_mean_and_spread():
     from incdet.benchmarks import markdown, over_seeds, spread_text
 
