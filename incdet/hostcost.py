@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from incdet import methods
 from incdet.engine import build_optimizer, build_scheduler, seed_everything, train
+from incdet.model import builder
 from incdet.step import new_class_batch
 
 
@@ -143,9 +144,20 @@ def _host_cost(cfg: dict, iters: int, warmup: int, batch_size: int, progress: bo
     hooks, where = [], []
     for module, name in ((student.backbone, "model_forward"), (student.head, "model_forward"),
                          (teacher.backbone, "model_forward"), (teacher.head, "model_forward"),
-                         (student.transform, "transform"),
                          (student.anchor_generator, "anchors")):
         hooks += _timed(module, name, spans, where)
+    untimed = builder.batch_transform  # the training path's transform (a function)
+
+    def timed_transform(*args, **kwargs):
+        where.append("transform")
+        t0 = time.perf_counter()
+        try:
+            return untimed(*args, **kwargs)
+        finally:
+            spans["transform"] += time.perf_counter() - t0
+            where.pop()
+
+    builder.batch_transform = timed_transform
 
     def last_grad(_):
         marks["backward_end"] = time.perf_counter()
@@ -192,6 +204,7 @@ def _host_cost(cfg: dict, iters: int, warmup: int, batch_size: int, progress: bo
             train(student, loss_fn, counted, optimizer, build_scheduler(optimizer, tcfg, 3),
                   tcfg, weights, 3, "cpu", None, progress=progress)
     finally:
+        builder.batch_transform = untimed
         for h in hooks:
             h.remove()
 

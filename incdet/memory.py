@@ -33,6 +33,7 @@ import torch
 
 from incdet.data.records import ImageRecord
 from incdet.errors import UserError, check_choice
+from incdet.model.builder import batch_transform
 
 RANKINGS = ("herding", "closest", "random")
 
@@ -116,7 +117,7 @@ def roi_features(model, records: Sequence[ImageRecord], batch_size: int, device,
         targets = [{"boxes": torch.as_tensor(r.boxes, dtype=torch.float32, device=device),
                     "labels": torch.zeros(len(r.boxes), dtype=torch.int64, device=device)}
                    for r in batch]
-        image_list, targets = model.transform(images, targets)
+        image_list, targets = batch_transform(model.transform, images, targets)
         features = model.backbone(image_list.tensors)
         if pooler is None:
             names = [k for k in features.keys() if k in ("0", "1", "2")]

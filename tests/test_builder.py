@@ -112,3 +112,59 @@ def test_groupnorm_backbone_builds_for_every_channel_count():
                                           [{"boxes": torch.tensor([[4.0, 4, 30, 40]]),
                                             "labels": torch.tensor([1])}])
     assert torch.isfinite(head_outputs["cls_logits"]).all()
+
+
+@pytest.mark.parametrize("shape,min_size,max_size,training", [
+    ((3, 128, 128), 128, 128, True),   # the built-in data: scale 1, no padding
+    ((3, 90, 130), 128, 200, True),    # upscaled (x 1.42) and padded to a multiple of 32
+    ((3, 160, 240), 128, 190, False),  # downscaled by the longer side, evaluation mode
+])
+def test_batch_transform_equals_torchvision_per_image(shape, min_size, max_size, training):
+    """The batched normalise-resize-pad gives torchvision's per-image result to the bit, draws
+    the same random numbers, and leaves the input targets alone."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from incdet.model.builder import batch_transform
+
+    transform = GeneralizedRCNNTransform(min_size, max_size, [0.485, 0.456, 0.406],
+                                         [0.229, 0.224, 0.225]).train(training)
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(shape, generator=gen) for _ in range(5)]
+    targets = [{"boxes": torch.rand(3, 4, generator=gen) * 60 + torch.tensor([0, 0, 30, 30]),
+                "labels": torch.arange(3)} for _ in range(5)]
+    before = [t["boxes"].clone() for t in targets]
+    torch.manual_seed(1)
+    want_list, want = transform(images, targets)
+    state = torch.get_rng_state()
+    torch.manual_seed(1)
+    got_list, got = batch_transform(transform, images, targets)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(got_list.tensors, want_list.tensors)
+    assert got_list.image_sizes == want_list.image_sizes
+    for g, w, b, t in zip(got, want, before, targets):
+        assert torch.equal(g["boxes"], w["boxes"]) and torch.equal(g["labels"], w["labels"])
+        assert torch.equal(t["boxes"], b)  # the caller's targets are not modified
+    assert batch_transform(transform, images)[1] is None
+
+
+def test_batch_transform_falls_back_where_it_cannot_batch(monkeypatch):
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from incdet.model import builder
+
+    calls = []
+    transform = GeneralizedRCNNTransform((96, 128), 128, [0.5] * 3, [0.2] * 3)
+    original = GeneralizedRCNNTransform.forward
+    monkeypatch.setattr(GeneralizedRCNNTransform, "forward",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    mixed = [torch.rand(3, 128, 128), torch.rand(3, 96, 128)]
+    torch.manual_seed(0)
+    want = transform(mixed)[0].tensors
+    torch.manual_seed(0)
+    assert torch.equal(builder.batch_transform(transform, mixed)[0].tensors, want)
+    assert len(calls) == 2  # the reference and the fallback: different shapes
+    same = [torch.rand(3, 128, 128)] * 2
+    builder.batch_transform(transform.train(), same)  # two training sizes: per image
+    assert len(calls) == 3
+    builder.batch_transform(transform.eval(), same)  # evaluation uses the last size: batched
+    assert len(calls) == 3

@@ -14,6 +14,7 @@ With ``model.caps_per_step`` the model is an :class:`IncrementalRetinaNet`, whos
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -27,6 +28,7 @@ from torchvision.models.detection import RetinaNet
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
@@ -304,6 +306,60 @@ def head_towers(model: RetinaNet) -> list[int]:
     return list(model.head.classification_head.tower_of_step)
 
 
+def batch_transform(transform, images: list[Tensor], targets: list[dict] | None = None):
+    """``transform(images, targets)`` (torchvision's ``GeneralizedRCNNTransform``: normalise,
+    resize, pad into one batch) with a few operators for the whole batch instead of several per
+    image, when that gives the same result: every image of one shape, dtype and device, one
+    target size (evaluation, or training with a single ``min_size``), no fixed size, targets
+    with boxes but no masks or keypoints, eager mode. Otherwise, or under tracing or scripting,
+    it is ``transform`` itself. Targets are shallow copies (the input is not modified)."""
+    if not _batchable(transform, images, targets):
+        return transform(images, targets)
+    if transform.training:  # torchvision draws each image's size (one choice here): draw as
+        # many random numbers, so that the random stream, and so training, stay the same
+        torch.empty(len(images)).uniform_(0.0, 1.0)
+    x = torch.stack(images)
+    mean = torch.as_tensor(transform.image_mean, dtype=x.dtype, device=x.device)[:, None, None]
+    std = torch.as_tensor(transform.image_std, dtype=x.dtype, device=x.device)[:, None, None]
+    x = (x - mean) / std
+    h, w = x.shape[-2:]
+    scale = min(float(transform.min_size[-1]) / min(h, w), float(transform.max_size) / max(h, w))
+    if scale != 1.0:  # at scale 1 bilinear resizing returns its input unchanged
+        x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="bilinear",
+                                            recompute_scale_factor=True, align_corners=False)
+    nh, nw = x.shape[-2:]
+    step = float(transform.size_divisible)
+    ph, pw = int(math.ceil(nh / step) * step), int(math.ceil(nw / step) * step)
+    if (ph, pw) != (nh, nw):
+        padded = x.new_zeros((x.shape[0], x.shape[1], ph, pw))
+        padded[:, :, :nh, :nw].copy_(x)
+        x = padded
+    if targets is not None:
+        targets = [dict(t) for t in targets]
+        if (nh, nw) != (h, w):  # the ratios as torchvision computes them (float32 division)
+            dtype, device = targets[0]["boxes"].dtype, targets[0]["boxes"].device
+            ratio = (torch.tensor([nw, nh, nw, nh], dtype=torch.float32, device=device) /
+                     torch.tensor([w, h, w, h], dtype=torch.float32, device=device)).to(dtype)
+            for t in targets:
+                t["boxes"] = t["boxes"] * ratio
+    return ImageList(x, [(int(nh), int(nw))] * x.shape[0]), targets
+
+
+def _batchable(transform, images: list[Tensor], targets: list[dict] | None) -> bool:
+    if torch.jit.is_scripting() or torchvision._is_tracing() or not images:
+        return False
+    if transform.fixed_size is not None or (transform.training and (
+            len(transform.min_size) != 1 or getattr(transform, "_skip_resize", False))):
+        return False
+    first = images[0]
+    if first.dim() != 3 or not first.is_floating_point() or any(
+            im.shape != first.shape or im.dtype != first.dtype or im.device != first.device
+            for im in images):
+        return False
+    return targets is None or (len(targets) == len(images) and all(
+        "boxes" in t and "masks" not in t and "keypoints" not in t for t in targets))
+
+
 def forward_train(model: RetinaNet, images: list[torch.Tensor], targets: list[dict] | None):
     """The training-time forward pass, returning what the losses need.
 
@@ -311,7 +367,7 @@ def forward_train(model: RetinaNet, images: list[torch.Tensor], targets: list[di
     (N, HWA, K), ``["bbox_regression"]`` (N, HWA, 4), ``anchors`` a list of (HWA, 4), and the
     targets resized like the images.
     """
-    image_list, targets = model.transform(images, targets)
+    image_list, targets = batch_transform(model.transform, images, targets)
     features = list(model.backbone(image_list.tensors).values())
     head_outputs = model.head(features)
     anchors = model.anchor_generator(image_list, features)
