@@ -75,6 +75,20 @@ def test_run_protocol_tool_writes_report_plots_and_shares_step_0(tiny_config, tm
     assert out.count("finetune") >= 2
 
 
+def test_report_of_a_three_step_protocol_gives_each_steps_course(tiny_config, tmp_path):
+    from incdet.report import write_report
+
+    cfg = load_config(tiny_config, ["train.max_iters=1", "memory.budget=0"])  # "4+3+3"
+    res = run_protocol(cfg, tmp_path, method_variants(["finetune"]), progress=False)
+    write_report(res, tmp_path, {}, config="tiny", split="4+3+3")
+    report = (tmp_path / "report.md").read_text()
+    assert ("| method | seeds | after step 0 | after step 1 | after step 2 | forgetting of step 0 "
+            "| forgetting of step 1 |") in report
+    aps = [f"{m['map']['all']['AP']:.3f}" for m in res["finetune"]]
+    forgot = [f"{res['finetune'][2]['forgetting'][f'step_{g}']:.3f}" for g in (0, 1)]
+    assert "| finetune | 1 | " + " | ".join(aps + forgot) + " |" in report
+
+
 def test_joint_reference_is_used_only_when_trained_the_same_way(tmp_path):
     import pytest
 
