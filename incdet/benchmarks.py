@@ -299,7 +299,7 @@ def markdown(report: dict) -> str:
                              f"{'≤ 0.3' if m == 'finetune' else 'high'} |")
         if name != "2step":
             per: dict[str, list[list[dict]]] = {}  # variant -> per seed, its steps
-            for one in (r.get("seeds") or {"0": r}).values():
+            for one in r["seeds"].values():  # over_seeds keeps each seed's result
                 for m, steps in one.get("steps", {}).items():
                     per.setdefault(m, []).append(steps)
             extra += ["", *steps_table(f"{name}: ", per)]
