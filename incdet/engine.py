@@ -11,7 +11,11 @@ iteration stays, deliberately: the non-finite check of the total loss, taken aft
 pass has been queued (the device works on it meanwhile) and before the optimizer steps, so that a
 non-finite loss never changes the weights and stops training at the iteration it occurred
 (a device-side flag checked every ``log_every`` iterations would need the optimizer step to be
-skipped on the device, and would name the failure late).
+skipped on the device, and would name the failure late). The same read-back carries the
+finiteness of the gradient norm (with ``train.grad_clip``): a finite loss whose gradient
+overflowed (seen with bf16 autocast on a freshly initialised model) skips its optimizer step
+instead of writing NaN into the weights, with a warning; ``log.jsonl`` counts such steps
+(``skipped_steps``, cumulative). fp16's gradient scaler skips them itself.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import os
 import platform
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -210,6 +215,7 @@ class TrainResult:
     seconds: float = 0.0
     images: int = 0
     epochs: list[dict] = field(default_factory=list)
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient norm
 
     @property
     def images_per_second(self) -> float:
@@ -267,16 +273,29 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
             total = weighted_total(losses, weights)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
+            finite = torch.isfinite(total).int()  # bit 0: the loss; bit 1: the gradient norm
+            if clip:
+                scaler.unscale_(optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(trainable, float(clip))
+                # fp16's scaler skips such steps itself
+                finite = finite + 2 * (torch.isfinite(norm).int() if not scaler.is_enabled() else 1)
+            else:
+                finite = finite + 2
             # the one synchronisation of an iteration: the device runs the backward meanwhile
-            if not torch.isfinite(total):
+            finite = int(finite)
+            if not finite & 1:
                 terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
                 raise UserError(f"non-finite loss at iteration {it} ({terms}); training stopped "
                                 "and the last good checkpoint is kept: lower train.lr or "
                                 "check the data")
-            if clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, float(clip))
-            scaler.step(optimizer)
+            if finite & 2:
+                scaler.step(optimizer)
+            else:  # a finite loss whose gradient overflowed: this step would write NaN weights
+                result.skipped_steps += 1
+                if result.skipped_steps == 1:
+                    warnings.warn(f"iteration {it}: the gradient norm is not finite (the loss "
+                                  "is); the optimizer step is skipped (log.jsonl counts such "
+                                  "steps: skipped_steps)", RuntimeWarning, stacklevel=2)
             scaler.update()
             scheduler.step()
             it += 1
@@ -306,7 +325,8 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
             raise UserError("the training set is empty; check the split and the annotations")
         line = {"epoch": epoch, "iteration": it, "lr": optimizer.param_groups[0]["lr"],
                 "seconds": round(seconds, 2),
-                "images_per_second": round(epoch_images / max(seconds, 1e-9), 2)}
+                "images_per_second": round(epoch_images / max(seconds, 1e-9), 2),
+                "skipped_steps": result.skipped_steps}
         epoch_sums = sums.sums()
         line.update({f"{k}": round(v / n_batches, 5) for k, v in epoch_sums.items()})
         line.update({f"{k}_weighted": round(term_w[k] * v / n_batches, 5)

@@ -485,6 +485,7 @@ class StepRun:
             "per_class_ap": evaluation["per_class_ap"],
             "forgetting": _forgetting(history, evaluation["groups"], t),
             "train": {"seconds": round(result.seconds, 2), "iterations": result.iterations,
+                      "skipped_steps": result.skipped_steps,
                       "images_per_second": round(result.images_per_second, 2),
                       "images": len(self.loader.dataset),
                       **device_record(self.device, self.cfg["train"])},

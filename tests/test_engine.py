@@ -112,6 +112,45 @@ def test_non_finite_loss_stops_with_the_terms(tmp_path):
     assert saved == []  # nothing was checkpointed from the failing epoch
 
 
+class _Overflow(torch.autograd.Function):
+    """Identity whose gradient is infinite: a finite loss whose backward overflows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_a_non_finite_gradient_skips_its_step_and_is_counted(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    loader = [([torch.ones(2)], [{}])] * 4
+    weights_seen = []
+
+    def loss_fn(images, targets):
+        weights_seen.append(model.weight.detach().clone())
+        out = model(images[0]).sum()
+        if len(weights_seen) == 2:  # the second iteration's gradient overflows
+            out = _Overflow.apply(out)
+        return {"loss_cls": out, "loss_box": out * 0}
+
+    with pytest.warns(RuntimeWarning, match="iteration 1: the gradient norm is not finite"):
+        result = train(model, loss_fn, loader, optimizer, scheduler, dict(DEFAULTS["train"]),
+                       {"loss_cls": 1.0, "loss_box": 1.0}, 4, "cpu", tmp_path, progress=False)
+    assert result.skipped_steps == 1 and result.iterations == 4
+    assert torch.isfinite(model.weight).all()
+    assert torch.equal(weights_seen[2], weights_seen[1])  # the skipped step changed nothing
+    assert not torch.equal(weights_seen[1], weights_seen[0])  # the others did
+    assert not torch.equal(weights_seen[3], weights_seen[2])
+    line = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert line["skipped_steps"] == 1
+
+
 def test_mixed_precision_and_channels_last_options(tiny_config, tmp_path):
     from incdet.config import load_config
     from incdet.step import run_step
