@@ -141,7 +141,8 @@ class DistillationCriterion:
 
     @torch.no_grad()
     def teacher_outputs(self, image_list) -> dict:
-        self.teacher.eval()
+        if self.teacher.training:  # eval() walks every module: not at every iteration
+            self.teacher.eval()
         features = list(self.teacher.backbone(image_list.tensors).values())
         return self.teacher.head(features)
 

@@ -6,10 +6,10 @@ them) and splits every iteration with wall-clock marks:
 
 * ``model_forward``: the backbone and head of the student and of the teacher (module hooks);
 * ``backward``: from the first loss term's gradient to the last parameter gradient;
-* ``host``: everything else: resizing and batching (``transform``), anchor generation
-  (``anchors``), the loss itself (matching, label-space masks, focal, box and distillation
-  terms: ``loss``), the optimizer step (``optimizer``) and the loop's bookkeeping (gradient
-  clipping, zeroing, the finiteness check, logging: ``rest``).
+* ``host``: everything else: resizing and batching (``transform``), the anchors (``anchors``:
+  generated once per batch shape, then looked up), the loss itself (matching, label-space
+  masks, focal, box and distillation terms: ``loss``), the optimizer step (``optimizer``) and
+  the loop's bookkeeping (gradient clipping, zeroing, the finiteness checks, logging: ``rest``).
 
 On CPU every operation runs synchronously, so the marks are exact; on a GPU they would time the
 kernel launches only (use the profiler there). On CPU the host parts include the loss's own
@@ -114,6 +114,25 @@ def _timed(module: torch.nn.Module, name: str, spans: dict, where: list) -> list
     return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
 
+# functions of incdet.model.builder on the training path -> the part they are timed as
+_TIMED_FUNCTIONS = {"batch_transform": "transform", "batch_anchors": "anchors"}
+
+
+def _timed_function(fn, part: str, spans: dict, where: list):
+    """``fn`` adding its seconds to ``spans[part]`` (and ``part`` to the ``where`` stack while
+    it runs)."""
+    def timed(*args, **kwargs):
+        where.append(part)
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spans[part] += time.perf_counter() - t0
+            where.pop()
+
+    return timed
+
+
 def host_cost(cfg: dict, iters: int = 5, warmup: int = 2, batch_size: int = 16,
               threads: int | None = 1, progress: bool = False) -> dict:
     """Median seconds per training iteration of an ``incdet`` step 1 on one fixed batch of
@@ -142,22 +161,13 @@ def _host_cost(cfg: dict, iters: int, warmup: int, batch_size: int, progress: bo
     per_iter: list[dict] = []
     marks: dict[str, float] = {}
     hooks, where = [], []
-    for module, name in ((student.backbone, "model_forward"), (student.head, "model_forward"),
-                         (teacher.backbone, "model_forward"), (teacher.head, "model_forward"),
-                         (student.anchor_generator, "anchors")):
-        hooks += _timed(module, name, spans, where)
-    untimed = builder.batch_transform  # the training path's transform (a function)
-
-    def timed_transform(*args, **kwargs):
-        where.append("transform")
-        t0 = time.perf_counter()
-        try:
-            return untimed(*args, **kwargs)
-        finally:
-            spans["transform"] += time.perf_counter() - t0
-            where.pop()
-
-    builder.batch_transform = timed_transform
+    for module in (student.backbone, student.head, teacher.backbone, teacher.head):
+        hooks += _timed(module, "model_forward", spans, where)
+    # the training path's transform and anchors (functions that forward_train looks up at
+    # each call), timed for the length of the run
+    untimed = {name: getattr(builder, name) for name in _TIMED_FUNCTIONS}
+    for name, part in _TIMED_FUNCTIONS.items():
+        setattr(builder, name, _timed_function(untimed[name], part, spans, where))
 
     def last_grad(_):
         marks["backward_end"] = time.perf_counter()
@@ -204,7 +214,8 @@ def _host_cost(cfg: dict, iters: int, warmup: int, batch_size: int, progress: bo
             train(student, loss_fn, counted, optimizer, build_scheduler(optimizer, tcfg, 3),
                   tcfg, weights, 3, "cpu", None, progress=progress)
     finally:
-        builder.batch_transform = untimed
+        for name, fn in untimed.items():
+            setattr(builder, name, fn)
         for h in hooks:
             h.remove()
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
@@ -53,9 +52,18 @@ def pad_targets(targets: Sequence[dict], device=None) -> PaddedTargets:
         return PaddedTargets(torch.zeros(0, 0, 4, device=device),
                              torch.zeros(0, 0, dtype=torch.int64, device=device),
                              torch.zeros(0, 0, dtype=torch.bool, device=device))
-    boxes = pad_sequence([t["boxes"] for t in targets], batch_first=True)
+    counts = [int(t["boxes"].shape[0]) for t in targets]  # shapes: known on the host
+    n, m = len(targets), max(counts)
+    first = targets[0]["boxes"]
+    boxes = first.new_zeros((n, m, 4))
     # labels are >= 0 (RetinaNet has no background channel): -1 marks the padding
-    labels = pad_sequence([t["labels"] for t in targets], batch_first=True, padding_value=-1)
+    labels = targets[0]["labels"].new_full((n, m), -1)
+    if m:  # one scatter of all the boxes (padding per image would cost operators per image)
+        rows = [i for i, c in enumerate(counts) for _ in range(c)]
+        cols = [j for c in counts for j in range(c)]
+        where = torch.tensor([rows, cols], dtype=torch.int64).to(first.device, non_blocking=True)
+        boxes[where[0], where[1]] = torch.cat([t["boxes"] for t in targets])
+        labels[where[0], where[1]] = torch.cat([t["labels"] for t in targets])
     valid = labels >= 0
     return PaddedTargets(boxes, labels.clamp(min=0), valid)
 

@@ -168,3 +168,33 @@ def test_batch_transform_falls_back_where_it_cannot_batch(monkeypatch):
     assert len(calls) == 3
     builder.batch_transform(transform.eval(), same)  # evaluation uses the last size: batched
     assert len(calls) == 3
+
+
+def test_batch_anchors_equal_the_generator_and_are_computed_once_per_shape():
+    from torchvision.models.detection.image_list import ImageList
+
+    from incdet.model import builder
+
+    model = build_model(copy.deepcopy(DEFAULTS["model"]), [3])
+    gen = model.anchor_generator
+    calls = []
+    gen.register_forward_hook(lambda *_: calls.append(1))
+    features = [torch.rand(4, 8, s, s) for s in (16, 8, 4, 2, 1)]
+    batch = ImageList(torch.rand(4, 3, 128, 128), [(128, 128), (120, 128), (128, 100), (64, 64)])
+    want = gen(batch, features)
+    calls.clear()
+    got = builder.batch_anchors(gen, batch, features)
+    again = builder.batch_anchors(gen, batch, features)
+    assert len(got) == len(again) == 4 and calls == [1]  # the second batch: from the cache
+    for g, a, w in zip(got, again, want):
+        assert torch.equal(g, w) and a is g
+    # another padded size is another entry; the cache keeps at most ANCHOR_CACHE_SIZE of them
+    small = ImageList(torch.rand(2, 3, 64, 64), [(64, 64)] * 2)
+    small_features = [f[:2, :, :max(1, f.shape[-1] // 2), :max(1, f.shape[-1] // 2)]
+                      for f in features]
+    assert torch.equal(builder.batch_anchors(gen, small, small_features)[1],
+                       gen(small, small_features)[1])
+    for size in range(builder.ANCHOR_CACHE_SIZE + 3):
+        builder.batch_anchors(gen, ImageList(torch.rand(1, 3, 32, 32 + size), [(32, 32)]),
+                              features)
+    assert len(builder._ANCHOR_CACHE[gen]) == builder.ANCHOR_CACHE_SIZE

@@ -219,6 +219,23 @@ def test_batched_matching_equals_torchvision_matcher_per_image(thresholds, low_q
     assert (losses.match_anchors(matcher, anchors, no_boxes) == -1).all()
 
 
+def test_pad_targets_places_every_box_and_marks_the_padding():
+    from incdet.losses import pad_targets
+
+    boxes = [torch.tensor([[1., 2., 3., 4.], [5., 6., 7., 8.]]), torch.zeros(0, 4),
+             torch.tensor([[9., 10., 11., 12.]])]
+    labels = [torch.tensor([3, 0]), torch.zeros(0, dtype=torch.int64), torch.tensor([7])]
+    padded = pad_targets([{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)])
+    assert padded.boxes.shape == (3, 2, 4) and padded.labels.shape == (3, 2)
+    assert torch.equal(padded.valid, torch.tensor([[True, True], [False, False], [True, False]]))
+    for i, (b, lab) in enumerate(zip(boxes, labels)):
+        n = len(b)
+        assert torch.equal(padded.boxes[i, :n], b) and torch.equal(padded.labels[i, :n], lab)
+        assert (padded.boxes[i, n:] == 0).all() and (padded.labels[i, n:] == 0).all()
+    empty = pad_targets([{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
+    assert empty.boxes.shape == (1, 0, 4) and empty.valid.shape == (1, 0)
+
+
 def test_label_space_mask_is_one_row_per_image():
     from incdet.losses import label_space_mask
 

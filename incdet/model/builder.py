@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -370,8 +371,32 @@ def forward_train(model: RetinaNet, images: list[torch.Tensor], targets: list[di
     image_list, targets = batch_transform(model.transform, images, targets)
     features = list(model.backbone(image_list.tensors).values())
     head_outputs = model.head(features)
-    anchors = model.anchor_generator(image_list, features)
+    anchors = batch_anchors(model.anchor_generator, image_list, features)
     return head_outputs, anchors, targets, image_list
+
+
+# generator -> {(padded image size, feature sizes, dtype, device): anchors of one image}
+_ANCHOR_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+ANCHOR_CACHE_SIZE = 16  # shapes kept per generator (COCO batches come in many padded sizes)
+
+
+def batch_anchors(generator: AnchorGenerator, image_list, features: list[Tensor]) -> list[Tensor]:
+    """``generator(image_list, features)``: the anchors of every image of the batch. They depend
+    only on the padded batch size and the feature sizes (the same tensor for every image), so
+    they are computed once per shape and kept (up to :data:`ANCHOR_CACHE_SIZE` shapes per
+    generator; the oldest goes first) instead of costing about a hundred operators at every
+    iteration. A generator's sizes and ratios must not be changed after its first call."""
+    key = (tuple(image_list.tensors.shape[-2:]), tuple(tuple(f.shape[-2:]) for f in features),
+           features[0].dtype, features[0].device)
+    cache = _ANCHOR_CACHE.setdefault(generator, {})
+    anchors = cache.get(key)
+    if anchors is None:
+        one = ImageList(image_list.tensors[:1], list(image_list.image_sizes[:1]))
+        anchors = generator(one, [f[:1] for f in features])[0]
+        if len(cache) >= ANCHOR_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = anchors
+    return [anchors] * len(image_list.image_sizes)
 
 
 def features_of(model: RetinaNet, image_list) -> OrderedDict:
