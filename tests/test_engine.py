@@ -90,10 +90,15 @@ def test_unknown_replay_mode_names_the_key():
                           generator=torch.Generator(), mode="concat")
 
 
-def test_non_finite_loss_stops_with_the_terms(tmp_path):
+def _linear_model(lr: float = 0.1):
+    """A one-layer model, SGD at a constant learning rate: for the training loop's tests."""
     model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+
+
+def test_non_finite_loss_stops_with_the_terms(tmp_path):
+    model, optimizer, scheduler = _linear_model()
     loader = [([torch.zeros(2)], [{}])] * 3
     calls = []
 
@@ -126,9 +131,7 @@ class _Overflow(torch.autograd.Function):
 
 def test_a_non_finite_gradient_skips_its_step_and_is_counted(tmp_path):
     torch.manual_seed(0)
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    model, optimizer, scheduler = _linear_model()
     loader = [([torch.ones(2)], [{}])] * 4
     weights_seen = []
 
@@ -191,9 +194,7 @@ def test_loss_terms_are_read_back_every_log_every_and_at_epoch_ends(tmp_path, mo
     """The log's per-epoch means are exactly the Python float means of every iteration's
     values, though the loop reads values back only every ``log_every`` iterations."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    model, optimizer, scheduler = _linear_model(lr=0.01)
     values = [(float(np.float32(0.1 * i + 1 / 3)), float(np.float32(2.0 / (i + 7))))
               for i in range(7)]
     calls = []
