@@ -137,8 +137,8 @@ DEFAULTS: dict[str, Any] = {
         "budget": 100,  # images in total, shared equally among seen classes (0: no memory)
         "per_class": None,  # or images per class (then budget must be null)
         "selection": "herding",  # herding | closest | random
-        # memory images per batch, as a fraction of train.batch_size (0.125: 2 at batch 16)
-        "replay_fraction": 0.125,
+        # memory images per batch, as a fraction of train.batch_size (0.25: 4 at batch 16)
+        "replay_fraction": 0.25,
         # add: they come on top of a full batch of new images | share: they take batch places
         "replay_mode": "add",
         # pooled: one loss normalisation for the whole batch | separate: new and memory images
