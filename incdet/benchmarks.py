@@ -24,6 +24,7 @@ def accuracy(cfg: dict, work_dir: Path, variants: dict[str, list[str]], progress
     """Final AP per variant, its ratio to ``joint``, and old-class retention."""
     res = run_protocol(cfg, work_dir, variants, progress, joint_last_only=True)
     out = {"steps": {m: [{"step": s["step"], "map": {g: s["map"][g]["AP"] for g in s["map"]},
+                          "new_classes": len(s["classes"]["new"]),
                           "forgetting": s["forgetting"], "seconds": s["train"]["seconds"]}
                          for s in steps] for m, steps in res.items()}}
     final = {m: steps[-1]["map"]["all"]["AP"] for m, steps in res.items()}

@@ -89,32 +89,54 @@ def table(summary: dict, markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _ap(value):
+    """An AP from full step metrics (``{"AP": ...}``) or a benchmark's summary (a number)."""
+    return value["AP"] if isinstance(value, dict) else value
+
+
+def ap_when_learned(steps: list[dict]) -> float | None:
+    """Mean AP over every class at the step that added it (its group's AP then, weighted by the
+    group's classes): what the last step would reach if no class were forgotten and none improved
+    after its own step. None when a step lacks its class count or AP (older summaries)."""
+    total = weight = 0.0
+    for s in steps:
+        n = s.get("new_classes", len(s.get("classes", {}).get("new", ())))
+        ap = _ap(s["map"].get("new"))
+        if not n or ap is None:
+            return None
+        total, weight = total + n * ap, weight + n
+    return total / weight if weight else None
+
+
 def steps_table(title: str, per: dict[str, list[list[dict]]]) -> list[str]:
     """A protocol's course per method (``per``: method -> one list of step metrics per seed):
-    AP over all seen classes after every step, and at the last step each earlier step group's
-    forgetting (its AP when learned minus its AP at the end); mean over the seeds, with min–max
-    where there are several. Empty for methods with one step (joint's last step only)."""
+    AP over all seen classes after every step, every class's AP at its own step
+    (:func:`ap_when_learned`), and at the last step each earlier step group's forgetting (its AP
+    when learned minus its AP at the end); mean over the seeds, with min–max where there are
+    several. Empty for methods with one step (joint's last step only)."""
     per = {m: runs for m, runs in per.items() if runs and len(runs[0]) > 1}
     if not per:
         return []
     num = max(len(s) for runs in per.values() for s in runs)
 
     def cell(vals: list) -> str:
-        vals = [v["AP"] if isinstance(v, dict) else v for v in vals]
+        vals = [_ap(v) for v in vals]
         vals = [v for v in vals if v is not None]
         if not vals:
             return "–"
         mean = sum(vals) / len(vals)
         return f"{mean:.3f}" + (f" ({min(vals):.3f}–{max(vals):.3f})" if len(vals) > 1 else "")
 
-    head = ([f"after step {t}" for t in range(num)] +
+    head = ([f"after step {t}" for t in range(num)] + ["each class when learned"] +
             [f"forgetting of step {g}" for g in range(num - 1)])
-    lines = [f"{title}AP over all seen classes after each step, and each step group's "
-             "forgetting at the last step (its AP when learned − at the end; mean over seeds, "
-             "min–max)", "",
+    lines = [f"{title}AP over all seen classes after each step; every class's AP at the step "
+             "that added it (the last step's AP if nothing were forgotten and nothing improved "
+             "later); each step group's forgetting at the last step (its AP when learned − at "
+             "the end). Mean over seeds, min–max", "",
              "| method | seeds | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
     for m, runs in per.items():
         aps = [cell([s[t]["map"]["all"] for s in runs if t < len(s)]) for t in range(num)]
+        aps.append(cell([ap_when_learned(s) for s in runs]))
         forgot = [cell([s[-1]["forgetting"].get(f"step_{g}") for s in runs])
                   for g in range(num - 1)]
         lines.append(f"| {m} | {len(runs)} | " + " | ".join(aps + forgot) + " |")

@@ -82,11 +82,13 @@ def test_report_of_a_three_step_protocol_gives_each_steps_course(tiny_config, tm
     res = run_protocol(cfg, tmp_path, method_variants(["finetune"]), progress=False)
     write_report(res, tmp_path, {}, config="tiny", split="4+3+3")
     report = (tmp_path / "report.md").read_text()
-    assert ("| method | seeds | after step 0 | after step 1 | after step 2 | forgetting of step 0 "
-            "| forgetting of step 1 |") in report
+    assert ("| method | seeds | after step 0 | after step 1 | after step 2 | each class when "
+            "learned | forgetting of step 0 | forgetting of step 1 |") in report
     aps = [f"{m['map']['all']['AP']:.3f}" for m in res["finetune"]]
+    # 4 + 3 + 3 classes: each group's AP at its own step, weighted by its classes
+    learned = sum(n * m["map"]["new"]["AP"] for n, m in zip((4, 3, 3), res["finetune"])) / 10
     forgot = [f"{res['finetune'][2]['forgetting'][f'step_{g}']:.3f}" for g in (0, 1)]
-    assert "| finetune | 1 | " + " | ".join(aps + forgot) + " |" in report
+    assert "| finetune | 1 | " + " | ".join(aps + [f"{learned:.3f}"] + forgot) + " |" in report
 
 
 def test_joint_reference_is_used_only_when_trained_the_same_way(tmp_path):
@@ -234,29 +236,41 @@ def test_steps_table_gives_ap_after_each_step_and_forgetting_per_group():
     from incdet.benchmarks import markdown, over_seeds
     from incdet.report import steps_table
 
-    def steps(aps, forgetting):  # a benchmark's condensed steps: map values are APs
-        return [{"step": t, "map": {"all": ap}, "forgetting": forgetting if t == len(aps) - 1
-                 else {}} for t, ap in enumerate(aps)]
+    def steps(aps, forgetting, new=(None, None, None)):  # a benchmark's condensed steps
+        return [{"step": t, "map": {"all": ap, "new": n}, "new_classes": (2, 1, 1)[t],
+                 "forgetting": forgetting if t == len(aps) - 1 else {}}
+                for t, (ap, n) in enumerate(zip(aps, new))]
 
-    per = {"incdet": [steps([0.5, 0.4, 0.3], {"step_0": 0.1, "step_1": 0.2}),
-                      steps([0.7, 0.6, 0.5], {"step_0": 0.3, "step_1": None})],
+    per = {"incdet": [steps([0.5, 0.4, 0.3], {"step_0": 0.1, "step_1": 0.2}, (0.5, 0.6, 0.2)),
+                      steps([0.7, 0.6, 0.5], {"step_0": 0.3, "step_1": None}, (0.7, 0.4, 0.6))],
            "joint": [[{"step": 2, "map": {"all": 0.6}, "forgetting": {}}]]}
     lines = steps_table("6step: ", per)
     assert lines[0].startswith("6step: AP over all seen classes after each step")
     assert lines[2] == ("| method | seeds | after step 0 | after step 1 | after step 2 | "
-                        "forgetting of step 0 | forgetting of step 1 |")
+                        "each class when learned | forgetting of step 0 | forgetting of step 1 |")
+    # when learned: (2 x 0.5 + 0.6 + 0.2) / 4 = 0.45 and (2 x 0.7 + 0.4 + 0.6) / 4 = 0.6
     assert lines[4] == ("| incdet | 2 | 0.600 (0.500–0.700) | 0.500 (0.400–0.600) | "
-                        "0.400 (0.300–0.500) | 0.200 (0.100–0.300) | 0.200 |")
+                        "0.400 (0.300–0.500) | 0.525 (0.450–0.600) | 0.200 (0.100–0.300) | "
+                        "0.200 |")
     assert len(lines) == 5  # joint (one step) has no course
-    # the full metrics of a protocol report (map values with AP) give the same cells
-    full = {"incdet": [[dict(s, map={"all": {"AP": s["map"]["all"]}}) for s in per["incdet"][0]]]}
-    assert steps_table("", full)[4] == "| incdet | 1 | 0.500 | 0.400 | 0.300 | 0.100 | 0.200 |"
+    # the full metrics of a protocol report (map values with AP, the classes themselves) give
+    # the same cells
+    full = {"incdet": [[{"step": s["step"], "forgetting": s["forgetting"],
+                         "classes": {"new": list(range(s["new_classes"]))},
+                         "map": {k: {"AP": v} for k, v in s["map"].items()}}
+                        for s in per["incdet"][0]]]}
+    assert steps_table("", full)[4] == \
+        "| incdet | 1 | 0.500 | 0.400 | 0.300 | 0.450 | 0.100 | 0.200 |"
+    # a summary without the groups' APs (written before 2026-12-01) has no "when learned"
+    old = [[dict(s, map={"all": s["map"]["all"]}) for s in per["incdet"][0]]]
+    assert steps_table("", {"incdet": old})[4] == \
+        "| incdet | 1 | 0.500 | 0.400 | 0.300 | – | 0.100 | 0.200 |"
     # the benchmark's markdown puts it after the figures of a long protocol
     r = over_seeds({0: {"final_ap": {"incdet": 0.3}, "step0_retention": {"incdet": 0.6},
                         "steps": {"incdet": per["incdet"][0]}}})
     text = markdown({"results": {"6step": dict(r, iters_per_class=290)}})
     assert "equal compute: 290 iterations per class a step adds together" in text
-    assert text.endswith("| incdet | 1 | 0.500 | 0.400 | 0.300 | 0.100 | 0.200 |")
+    assert text.endswith("| incdet | 1 | 0.500 | 0.400 | 0.300 | 0.450 | 0.100 | 0.200 |")
 
 
 def test_seeds_are_summarised_with_mean_and_spread():
