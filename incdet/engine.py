@@ -273,22 +273,21 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
             total = weighted_total(losses, weights)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
-            finite = torch.isfinite(total).int()  # bit 0: the loss; bit 1: the gradient norm
+            flags = torch.isfinite(total).int()  # bit 0: a finite loss
+            check_grad = bool(clip) and not scaler.is_enabled()  # fp16's scaler checks itself
             if clip:
                 scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(trainable, float(clip))
-                # fp16's scaler skips such steps itself
-                finite = finite + 2 * (torch.isfinite(norm).int() if not scaler.is_enabled() else 1)
-            else:
-                finite = finite + 2
+                if check_grad:  # bit 1: a finite gradient norm
+                    flags = flags + 2 * torch.isfinite(norm).int()
             # the one synchronisation of an iteration: the device runs the backward meanwhile
-            finite = int(finite)
-            if not finite & 1:
+            flags = int(flags)
+            if not flags & 1:
                 terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
                 raise UserError(f"non-finite loss at iteration {it} ({terms}); training stopped "
                                 "and the last good checkpoint is kept: lower train.lr or "
                                 "check the data")
-            if finite & 2:
+            if flags & 2 or not check_grad:
                 scaler.step(optimizer)
             else:  # a finite loss whose gradient overflowed: this step would write NaN weights
                 result.skipped_steps += 1
