@@ -19,8 +19,9 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torchvision.models.detection import _utils as det_utils
-from torchvision.ops import box_iou, sigmoid_focal_loss
+from torchvision.ops import box_iou
 
 from incdet.distributed import global_count
 from incdet.errors import check_choice
@@ -135,28 +136,73 @@ def label_space_mask(targets: Sequence[dict], num_classes: int, device) -> torch
     return mask
 
 
+def _softplus(z: torch.Tensor) -> torch.Tensor:
+    """``log(1 + exp(z))``, stably. On CPU torch's ``softplus`` (and ``log1p``) is not vectorised:
+    about 10 x slower than this form (1.6 against 0.15 ms for the CPU preset's 160 k logits),
+    which loses under 6e-8 against ``log1p`` by taking ``log(1 + e)``."""
+    if z.device.type != "cpu":
+        return F.softplus(z)
+    return z.clamp(min=0) + (1 + (-z.abs()).exp()).log()
+
+
+class _FocalSum(torch.autograd.Function):
+    """``sum(coef * (1 - p_t) ** gamma * -log(p_t))`` over logits ``x`` with binary targets
+    ``positive``: the sum of torchvision's ``sigmoid_focal_loss(x, positive, alpha=-1)`` weighted
+    by ``coef``, in a few elementwise operators and with the gradient in closed form.
+
+    With ``z = -x`` on positives and ``x`` elsewhere, ``1 - p_t = sigmoid(z)`` and
+    ``-log(p_t) = softplus(z)``; with ``q = sigmoid(z)``, ``d/dz (q**g * softplus(z)) =
+    q**g * (g * (1 - q) * softplus(z) + q)``."""
+
+    @staticmethod
+    def forward(ctx, x, positive, coef, gamma: float):
+        z = torch.where(positive, -x, x)
+        q = z.sigmoid()
+        ce = _softplus(z)
+        qg = q.pow(gamma)
+        ctx.save_for_backward(positive, coef, q, ce, qg)
+        ctx.gamma = gamma
+        return (coef * qg * ce).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        positive, coef, q, ce, qg = ctx.saved_tensors
+        dz = (coef * grad) * qg * ((1 - q) * ce * ctx.gamma + q)
+        return torch.where(positive, -dz, dz), None, None, None
+
+
 def masked_focal_loss(cls_logits: torch.Tensor, targets: Sequence[dict], matched_idxs,
                       alpha: float = 0.25, gamma: float = 2.0,
                       padded: PaddedTargets | None = None) -> torch.Tensor:
     """Sigmoid focal loss over (N, HWA, K) logits, restricted per image to its label space,
     normalised by the number of foreground anchors in the batch (the global batch under
     several processes, see :mod:`incdet.distributed`). ``matched_idxs``: (N, HWA), or a list of
-    (HWA,), as :func:`match_anchors` gives."""
+    (HWA,), as :func:`match_anchors` gives.
+
+    The value of torchvision's ``sigmoid_focal_loss`` times the mask, computed in float32 (at
+    least) by :class:`_FocalSum`: a third of the operators, and no (N, HWA, K) intermediates
+    kept for the backward beyond its own four."""
     n, hwa, k = cls_logits.shape
     device = cls_logits.device
+    x = cls_logits.to(torch.promote_types(cls_logits.dtype, torch.float32))
     matched = _as_batch(matched_idxs, (hwa,), device, torch.int64)
     if padded is None:
         padded = pad_targets(targets, device)
     fg = matched >= 0  # (N, HWA)
-    gt = torch.zeros_like(cls_logits)
+    positive = torch.zeros(x.shape, dtype=torch.bool, device=device)
     if padded.labels.shape[1]:
         labels = padded.labels.gather(1, matched.clamp(min=0))  # (N, HWA): the matched box's
-        gt.scatter_(2, labels[:, :, None], fg[:, :, None].to(gt.dtype))
-    valid = matched != BETWEEN_THRESHOLDS
-    # positives always count (a pseudo-label may be of a class outside the label space)
-    weight = (valid[:, :, None] & label_space_mask(targets, k, device)[:, None, :]) | (gt > 0)
-    loss = sigmoid_focal_loss(cls_logits, gt, alpha=alpha, gamma=gamma, reduction="none")
-    return (loss * weight).sum() / global_count(fg.sum()).clamp(min=1.0)
+        positive.scatter_(2, labels[:, :, None], fg[:, :, None])
+    # negatives count on the annotated channels of anchors not between thresholds; positives
+    # always count (a pseudo-label may be of a class outside the label space)
+    negative = (matched != BETWEEN_THRESHOLDS)[:, :, None] & \
+        label_space_mask(targets, k, device)[:, None, :]
+    if alpha >= 0:
+        coef = torch.where(positive, alpha, negative.to(x.dtype) * (1 - alpha))
+    else:  # torchvision's convention: no alpha weighting
+        coef = (positive | negative).to(x.dtype)
+    loss = _FocalSum.apply(x, positive, coef, float(gamma))
+    return loss / global_count(fg.sum()).clamp(min=1.0)
 
 
 def giou_loss_sum(boxes: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -195,8 +241,7 @@ def box_regression_loss(bbox_regression: torch.Tensor, anchors, targets: Sequenc
         total = giou_loss_sum(box_coder.decode_single(reg, anc), gt_boxes)
     else:
         target = box_coder.encode_single(gt_boxes, anc)
-        fn = torch.nn.functional.l1_loss if kind == "l1" else \
-            torch.nn.functional.smooth_l1_loss
+        fn = F.l1_loss if kind == "l1" else F.smooth_l1_loss
         kwargs = {} if kind == "l1" else {"beta": 1.0 / 9}
         total = fn(reg, target, reduction="sum", **kwargs)
     return total / global_count(fg.sum()).clamp(min=1.0)

@@ -285,3 +285,52 @@ def test_batched_losses_equal_the_per_image_ones(kind, replay_weight):
         for k in outputs:
             torch.testing.assert_close(batched_out[k].grad, ref_out[k].grad, rtol=1e-6,
                                        atol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [2.0, 1.5, 0.0])
+def test_focal_sum_gradient_is_the_derivative_of_its_value(gamma):
+    from incdet.losses import _FocalSum
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 7, 4, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    positive = torch.rand(3, 7, 4, generator=g) > 0.7
+    coef = torch.rand(3, 7, 4, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda v: _FocalSum.apply(v, positive, coef, gamma), (x,))
+
+
+@pytest.mark.parametrize("alpha", [0.25, -1.0])
+def test_masked_focal_loss_is_torchvisions_focal_loss_times_the_mask(alpha):
+    from torchvision.ops import sigmoid_focal_loss
+
+    logits, targets, matched = _setup()
+    logits = (logits.detach() * 30).requires_grad_()  # saturated logits too: |x| up to ~70
+    loss = masked_focal_loss(logits, targets, matched, alpha=alpha, gamma=1.5)
+    gt = torch.zeros(2, 6, 4)
+    gt[0, [0, 5], 2] = 1
+    weight = torch.ones(2, 6, 4, dtype=torch.bool)
+    weight[0, :, :2] = False  # image 0: annotated for classes 2, 3
+    weight[0, 3] = False  # between thresholds
+    ref_logits = logits.detach().clone().requires_grad_()
+    expected = (sigmoid_focal_loss(ref_logits, gt, alpha, 1.5, "none") * weight).sum() / 2
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_softplus_is_torchs_softplus_over_the_whole_range():
+    from incdet.losses import _softplus
+
+    z = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-1e4, 1e4, 0.0])])
+    torch.testing.assert_close(_softplus(z), torch.nn.functional.softplus(z), rtol=1e-6,
+                               atol=1e-7)
+
+
+def test_focal_loss_of_bfloat16_logits_is_computed_in_float32():
+    logits, targets, matched = _setup()
+    low = logits.detach().to(torch.bfloat16).requires_grad_()
+    loss = masked_focal_loss(low, targets, matched)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, masked_focal_loss(low.detach().float(), targets, matched))
+    loss.backward()
+    assert low.grad.dtype == torch.bfloat16
