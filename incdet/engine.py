@@ -16,6 +16,13 @@ finiteness of the gradient norm (with ``train.grad_clip``): a finite loss whose 
 overflowed (seen with bf16 autocast on a freshly initialised model) skips its optimizer step
 instead of writing NaN into the weights, with a warning; ``log.jsonl`` counts such steps
 (``skipped_steps``, cumulative). fp16's gradient scaler skips them itself.
+
+Gradient clipping with a fused optimizer (the default on CPU and CUDA) is folded into the step:
+the total norm is computed, and the fused kernel divides every gradient by ``max(norm / clip, 1)``
+as it reads it (``optimizer.grad_scale``: the mechanism torch's GradScaler uses with fused
+optimizers, which also multiplies in a user's own), instead of ``clip_grad_norm_`` rescaling
+every gradient in a pass of its own. With fp16's gradient scaler, or an optimizer that is not
+fused, ``clip_grad_norm_`` clips as usual.
 """
 from __future__ import annotations
 
@@ -222,6 +229,15 @@ class TrainResult:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
+def clip_factor(trainable: list[torch.Tensor], clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm, divisor)``: the total 2-norm of the gradients of ``trainable``, and
+    ``max((norm + 1e-6) / clip, 1)``, the divisor by which ``clip_grad_norm_(trainable, clip)``
+    would scale them (it multiplies by ``clip / (norm + 1e-6)`` when that is below 1)."""
+    grads = [p.grad for p in trainable if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm, ((norm + 1e-6) / clip).clamp(min=1.0)
+
+
 def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, scheduler, tcfg: dict,
           weights: dict[str, float], total_iters: int, device, log_dir: Path, writer=None,
           start_iter: int = 0, start_epoch: int = 0, on_epoch_end: Callable | None = None,
@@ -252,6 +268,9 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
     amp_dtype = autocast_dtype(tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # clipping inside the fused optimizer's step (module docstring)
+    fold_clip = bool(clip) and not scaler.is_enabled() and \
+        all(g.get("fused") for g in optimizer.param_groups)
     skip = 0
     if resume_position is not None and shuffle_generator is not None:
         shuffle_generator.set_state(resume_position[0])
@@ -275,11 +294,14 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
             scaler.scale(total).backward()
             flags = torch.isfinite(total).int()  # bit 0: a finite loss
             check_grad = bool(clip) and not scaler.is_enabled()  # fp16's scaler checks itself
-            if clip:
+            divisor = None
+            if fold_clip:
+                norm, divisor = clip_factor(trainable, float(clip))
+            elif clip:
                 scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(trainable, float(clip))
-                if check_grad:  # bit 1: a finite gradient norm
-                    flags = flags + 2 * torch.isfinite(norm).int()
+            if check_grad:  # bit 1: a finite gradient norm
+                flags = flags + 2 * torch.isfinite(norm).int()
             # the one synchronisation of an iteration: the device runs the backward meanwhile
             flags = int(flags)
             if not flags & 1:
@@ -288,7 +310,13 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
                                 "and the last good checkpoint is kept: lower train.lr or "
                                 "check the data")
             if flags & 2 or not check_grad:
-                scaler.step(optimizer)
+                if divisor is not None:
+                    optimizer.grad_scale = divisor
+                try:
+                    scaler.step(optimizer)
+                finally:
+                    if divisor is not None:  # never left behind for a later step
+                        del optimizer.grad_scale
             else:  # a finite loss whose gradient overflowed: this step would write NaN weights
                 result.skipped_steps += 1
                 if result.skipped_steps == 1:

@@ -90,10 +90,10 @@ def test_unknown_replay_mode_names_the_key():
                           generator=torch.Generator(), mode="concat")
 
 
-def _linear_model(lr: float = 0.1):
+def _linear_model(lr: float = 0.1, fused: bool = False):
     """A one-layer model, SGD at a constant learning rate: for the training loop's tests."""
     model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, fused=fused)
     return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
 
 
@@ -129,9 +129,10 @@ class _Overflow(torch.autograd.Function):
         return grad * float("inf")
 
 
-def test_a_non_finite_gradient_skips_its_step_and_is_counted(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])  # clipping by clip_grad_norm_ / in the step
+def test_a_non_finite_gradient_skips_its_step_and_is_counted(tmp_path, fused):
     torch.manual_seed(0)
-    model, optimizer, scheduler = _linear_model()
+    model, optimizer, scheduler = _linear_model(fused=fused)
     loader = [([torch.ones(2)], [{}])] * 4
     weights_seen = []
 
@@ -152,6 +153,56 @@ def test_a_non_finite_gradient_skips_its_step_and_is_counted(tmp_path):
     assert not torch.equal(weights_seen[3], weights_seen[2])
     line = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert line["skipped_steps"] == 1
+    assert not hasattr(optimizer, "grad_scale")
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_clipping_inside_the_fused_step_equals_clip_grad_norm(tmp_path, name):
+    """With a fused optimizer the loop clips through the step's gradient divisor; the weights
+    are those of clip_grad_norm_ followed by the same optimizer's plain step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
+    tcfg = dict(DEFAULTS["train"], optimizer=name, lr=0.05, grad_clip=0.05, log_every=1)
+    runs = {}
+    for fold in (True, False, None):  # folded, clip_grad_norm_, no clipping
+        torch.manual_seed(1)
+        m = copy.deepcopy(model)
+        optimizer = build_optimizer(m, tcfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+        norms = []
+        if fold is False:  # an optimizer the loop does not recognise as fused: clip_grad_norm_
+            for g in optimizer.param_groups:
+                g["fused"] = None
+                g["foreach"] = False
+        if fold is not None:
+            original = torch.nn.utils.get_total_norm if fold else \
+                torch.nn.utils.clip_grad_norm_
+
+            def recorded(*a, _original=original, **k):
+                norms.append(float(_original(*a, **k).detach()))
+                return torch.tensor(norms[-1])
+
+            target = "get_total_norm" if fold else "clip_grad_norm_"
+            setattr(torch.nn.utils, target, recorded)
+        try:
+            x = torch.randn(4, 3, 8, 8)
+            loader = [([x[i]], [{}]) for i in range(4)]
+            train(m, lambda images, targets: {"loss_cls": m(images[0][None]).square().sum()},
+                  loader, optimizer, scheduler, dict(tcfg, grad_clip=tcfg["grad_clip"] if
+                                                     fold is not None else None),
+                  {"loss_cls": 1.0}, 4, "cpu", tmp_path, progress=False)
+        finally:
+            if fold is not None:
+                setattr(torch.nn.utils, target, original)
+        assert not hasattr(optimizer, "grad_scale")
+        runs[fold] = (m, norms)
+    assert len(runs[True][1]) == len(runs[False][1]) == 4
+    assert min(runs[True][1]) > 10 * tcfg["grad_clip"]  # every step was clipped
+    unclipped_diff = 0.0
+    for a, b, c in zip(*(runs[k][0].parameters() for k in (True, False, None))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        unclipped_diff = max(unclipped_diff, float((a - c).abs().max()))
+    assert unclipped_diff > 1e-4  # clipping changed the weights (AdamW: through its moments)
 
 
 def test_mixed_precision_and_channels_last_options(tiny_config, tmp_path):

@@ -322,7 +322,7 @@ def batch_transform(transform, images: list[Tensor], targets: list[dict] | None 
     x = torch.stack(images)
     mean = torch.as_tensor(transform.image_mean, dtype=x.dtype, device=x.device)[:, None, None]
     std = torch.as_tensor(transform.image_std, dtype=x.dtype, device=x.device)[:, None, None]
-    x = (x - mean) / std
+    x.sub_(mean).div_(std)  # in place on the fresh stack: no batch-sized temporaries
     h, w = x.shape[-2:]
     scale = min(float(transform.min_size[-1]) / min(h, w), float(transform.max_size) / max(h, w))
     if scale != 1.0:  # at scale 1 bilinear resizing returns its input unchanged
