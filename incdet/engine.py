@@ -26,11 +26,13 @@ fused, ``clip_grad_norm_`` clips as usual.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import platform
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -61,6 +63,34 @@ def resolve_device(name: str | torch.device | None = "auto",
         raise UserError(f"{key}: {str(name)!r} requested but CUDA is not available; use auto "
                         "or cpu")
     return torch.device(name)
+
+
+# glibc's mallopt parameters and the values train.keep_freed_memory sets
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+KEPT_MEMORY = {_M_MMAP_THRESHOLD: 32 << 20,  # the largest glibc accepts
+               _M_TRIM_THRESHOLD: 1 << 30, _M_TOP_PAD: 256 << 20}
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for the next allocation instead of returning it
+    to the system (``train.keep_freed_memory``); returns whether it applied (False without
+    glibc). Process-wide and for the rest of the process.
+
+    By default glibc serves each allocation above a threshold with a fresh mapping and trims
+    the top of its heap as soon as enough of it is free, so a training iteration, which frees
+    and reallocates the same large activations, pays for their pages again every time: about
+    27 000 page faults per iteration of the CPU preset (step 1, batch 16), 9 000 with these
+    settings, which make the whole iteration about 15 % faster (docs/benchmarks.md). Freed
+    memory is then kept up to 1 GiB; the peak (what the process needs anyway) is unchanged.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all([mallopt(k, v) == 1 for k, v in KEPT_MEMORY.items()])
 
 
 def resolve_num_workers(value) -> int:

@@ -15,7 +15,9 @@ On CPU every operation runs synchronously, so the marks are exact; on a GPU they
 kernel launches only (use the profiler there). On CPU the host parts include the loss's own
 arithmetic, which a GPU would run; what costs host time on a GPU is the number of operators
 launched and of synchronisations, so one more iteration counts them (``ops``, ``syncs``: per
-part, outside the model's forward and backward).
+part, outside the model's forward and backward). ``page_faults``: the process's minor page faults
+per iteration (where the system reports them), which ``train.keep_freed_memory`` cuts; the
+measurement follows that key as training does.
 """
 from __future__ import annotations
 
@@ -28,9 +30,20 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from incdet import methods
-from incdet.engine import build_optimizer, build_scheduler, seed_everything, train
+from incdet.engine import (
+    build_optimizer,
+    build_scheduler,
+    keep_freed_memory,
+    seed_everything,
+    train,
+)
 from incdet.model import builder
 from incdet.step import new_class_batch
+
+try:
+    import resource  # page faults (Unix)
+except ImportError:  # pragma: no cover
+    resource = None
 
 
 class _MarkBackward(torch.autograd.Function):
@@ -51,12 +64,16 @@ class _MarkBackward(torch.autograd.Function):
 class _FixedBatches:
     """``iters`` copies of one batch; records the time each is handed out."""
 
-    def __init__(self, images, targets, iters: int):
+    def __init__(self, images, targets, iters: int, faults: bool = False):
         self.images, self.targets, self.iters = images, targets, iters
         self.starts: list[float] = []
+        self.faults: list[int] = []  # the process's minor page faults so far, with ``faults``
+        self.count_faults = faults and resource is not None
 
     def __iter__(self):
         for _ in range(self.iters):
+            if self.count_faults:
+                self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
             self.starts.append(time.perf_counter())
             yield list(self.images), [dict(t) for t in self.targets]
 
@@ -141,10 +158,14 @@ def host_cost(cfg: dict, iters: int = 5, warmup: int = 2, batch_size: int = 16,
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
+    # as training does (run_step): the allocator's settings change page faults, so timings
+    kept = bool(cfg["train"].get("keep_freed_memory")) and keep_freed_memory()
     try:
-        return _host_cost(copy.deepcopy(cfg), iters, warmup, batch_size, progress)
+        out = _host_cost(copy.deepcopy(cfg), iters, warmup, batch_size, progress)
     finally:
         torch.set_num_threads(old_threads)
+    out["keep_freed_memory"] = kept
+    return out
 
 
 def _host_cost(cfg: dict, iters: int, warmup: int, batch_size: int, progress: bool) -> dict:
@@ -201,7 +222,7 @@ def _host_cost(cfg: dict, iters: int, warmup: int, batch_size: int, progress: bo
         return {k: _MarkBackward.apply(v, marks) for k, v in losses.items()}
 
     total = warmup + iters + 1  # the last iteration is not timed (no next batch marks its end)
-    loader = _FixedBatches(images, targets, total)
+    loader = _FixedBatches(images, targets, total, faults=True)
     scheduler = build_scheduler(optimizer, tcfg, total)
     weights = dict(cfg["loss"]["weights"])
     # the operators of one iteration (the second of three), in a run of its own
@@ -230,8 +251,12 @@ def _host_cost(cfg: dict, iters: int, warmup: int, batch_size: int, progress: bo
                "loss": loss, "optimizer": s["optimizer"],
                "rest": seconds - s["loss_fn"] - s["backward"] - s["optimizer"]}
         row["host"] = seconds - row["model_forward"] - row["backward"]
+        if loader.faults:
+            row["page_faults"] = loader.faults[i + 1] - loader.faults[i]
         rows.append(row)
     out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    if "page_faults" in out:
+        out["page_faults"] = int(out["page_faults"])
     out.update(batch_size=len(images), iters=iters, threads=torch.get_num_threads())
     out["host_share"] = out["host"] / out["iteration"]
     host_parts = ("transform", "anchors", "loss", "loop")

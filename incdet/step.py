@@ -32,6 +32,7 @@ from incdet.engine import (
     build_optimizer,
     build_scheduler,
     device_record,
+    keep_freed_memory,
     reset_peak_memory,
     resolve_device,
     resolve_num_workers,
@@ -277,6 +278,7 @@ class StepRun:
     scheduler: object
     total_iters: int
     base: dict = field(default_factory=dict)  # the checkpoint fields every save shares
+    kept_memory: bool = False  # train.keep_freed_memory applied (glibc)
     start_iter: int = 0
     start_epoch: int = 0
     resume_position: tuple | None = None
@@ -311,6 +313,7 @@ class StepRun:
                             "evaluation happens at checkpoints")
         if tcfg.get("threads"):
             torch.set_num_threads(int(tcfg["threads"]))
+        kept_memory = bool(tcfg.get("keep_freed_memory")) and keep_freed_memory()
         device = resolve_device(dist.setup(tcfg["device"]))
         reset_peak_memory(device)  # metrics.json reports this step's peak
         main = dist.is_main()
@@ -376,7 +379,8 @@ class StepRun:
                 "config": strip_private(cfg), "method": method}
         return cls(cfg, t, work_dir, device, resolve_num_workers(tcfg["num_workers"]), main,
                    progress and main, train_set, val_set, classes, plan, previous, records,
-                   memory, loader, student, loss_fn, optimizer, scheduler, total_iters, base)
+                   memory, loader, student, loss_fn, optimizer, scheduler, total_iters, base,
+                   kept_memory)
 
     def restore(self, resume: bool) -> None:
         """With ``resume`` and a ``last.pt``: the model, optimizer, schedule, iteration and
@@ -488,7 +492,8 @@ class StepRun:
                       "skipped_steps": result.skipped_steps,
                       "images_per_second": round(result.images_per_second, 2),
                       "images": len(self.loader.dataset),
-                      **device_record(self.device, self.cfg["train"])},
+                      **device_record(self.device, self.cfg["train"]),
+                      "keep_freed_memory": self.kept_memory},
         }
         if self.method == "joint":  # which reference this is: equal compute (default) or one step
             metrics["joint_budget"] = self.cfg["incremental"].get("joint_budget", "equal")

@@ -298,3 +298,49 @@ def test_amp_auto_is_full_precision_on_cpu_and_bf16_on_a_gpu_that_has_it(monkeyp
     assert autocast_dtype({"amp": "auto"}, torch.device("cuda")) is None
     with pytest.raises(UserError, match="train.amp: 'fp8' is not one of null, auto, bf16, fp16"):
         autocast_dtype({"amp": "fp8"}, cpu)
+
+
+class _FakeLibc:
+    """glibc's ``mallopt`` as ctypes gives it (a function object with argtypes)."""
+
+    def __init__(self, answer: int = 1):
+        self.calls, self.answer = [], answer
+
+        def mallopt(key, value):
+            self.calls.append((key, value))
+            return self.answer
+
+        self.mallopt = mallopt
+
+
+def test_keep_freed_memory_sets_the_allocators_thresholds(monkeypatch):
+    import ctypes
+
+    from incdet import engine
+
+    libc = _FakeLibc()
+    opened = []
+    monkeypatch.setattr(engine.sys, "platform", "linux")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: opened.append(name) or libc)
+    assert engine.keep_freed_memory() is True
+    assert opened == ["libc.so.6"]
+    assert dict(libc.calls) == engine.KEPT_MEMORY
+    assert engine.KEPT_MEMORY[-3] == 32 << 20 and engine.KEPT_MEMORY[-1] == 1 << 30
+    libc.answer = 0  # glibc refused a value
+    assert engine.keep_freed_memory() is False
+
+
+def test_keep_freed_memory_changes_nothing_without_glibc(monkeypatch):
+    import ctypes
+
+    from incdet import engine
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(engine.sys, "platform", "linux")
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert engine.keep_freed_memory() is False
+    monkeypatch.setattr(engine.sys, "platform", "darwin")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: pytest.fail("no library is opened"))
+    assert engine.keep_freed_memory() is False

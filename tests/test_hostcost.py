@@ -4,6 +4,8 @@ import pytest
 from incdet.config import load_config
 from incdet.hostcost import host_cost
 
+from conftest import has_glibc
+
 
 def test_parts_add_up_and_the_loop_synchronises_once_per_iteration(tiny_config):
     cfg = load_config(tiny_config, ["model.fpn_channels=8"])
@@ -19,3 +21,6 @@ def test_parts_add_up_and_the_loop_synchronises_once_per_iteration(tiny_config):
     # no loss term is read back per iteration: only the finiteness check synchronises
     assert out["syncs"]["loop"] == 1
     assert out["ops"]["loss"] > 0 and out["ops"]["model_forward"] > 0
+    # the allocator follows train.keep_freed_memory, as training does; page faults are counted
+    assert out["keep_freed_memory"] is has_glibc()
+    assert isinstance(out["page_faults"], int) and out["page_faults"] >= 0
