@@ -55,7 +55,8 @@ def select_anchors(teacher_logits: torch.Tensor, rule: str = "erd", topk: int = 
 def cls_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                      mask: torch.Tensor, form: str = "sigmoid_kd",
                      temperature: float = 2.0) -> torch.Tensor:
-    """Distillation of (N, HWA, K_f) logits on the (N, HWA) anchors in ``mask``: summed over
+    """Distillation of (N, HWA, K_f) logits on the anchors in ``mask`` (an (N, HWA) bool mask,
+    or its ``nonzero(as_tuple=True)``, which indexes without a synchronisation): summed over
     the K_f classes, averaged over the selected anchors (0 when no anchor is selected), so that
     a group's term does not shrink as the number of its classes grows."""
     check_choice("incremental.cls_distill", form, CLS_FORMS)
@@ -73,8 +74,8 @@ def cls_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 def box_distillation(student_deltas: torch.Tensor, teacher_deltas: torch.Tensor,
                      mask: torch.Tensor, form: str = "l2") -> torch.Tensor:
-    """Distillation of (N, HWA, 4) box deltas on the anchors in ``mask`` (summed over the four
-    deltas, averaged over anchors)."""
+    """Distillation of (N, HWA, 4) box deltas on the anchors in ``mask`` (as for
+    :func:`cls_distillation`; summed over the four deltas, averaged over anchors)."""
     check_choice("incremental.box_distill", form, BOX_FORMS)
     s, t = student_deltas[mask], teacher_deltas[mask]
     if form == "none" or s.numel() == 0:
@@ -156,12 +157,14 @@ class DistillationCriterion:
                                       targets_t, float(self.icfg["pseudo_thresh"]))
         losses = self.detection(head_outputs, anchors, targets_t)
         mask = select_anchors(t_logits, self.icfg["anchors"], int(self.icfg["topk"]))
+        # the selected anchors' indices, found once (one host synchronisation) for every term
+        where = mask.nonzero(as_tuple=True)
         s_logits = head_outputs["cls_logits"]
         for f, sl in enumerate(self.group_slices):
             losses[f"loss_distill_cls_{f}"] = cls_distillation(
-                s_logits[:, :, sl], t_logits[:, :, sl], mask, self.icfg["cls_distill"],
+                s_logits[:, :, sl], t_logits[:, :, sl], where, self.icfg["cls_distill"],
                 float(self.icfg["temperature"]))
         losses["loss_distill_box"] = box_distillation(
-            head_outputs["bbox_regression"], t_out["bbox_regression"], mask,
+            head_outputs["bbox_regression"], t_out["bbox_regression"], where,
             self.icfg["box_distill"])
         return losses

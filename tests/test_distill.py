@@ -51,3 +51,21 @@ def test_anchor_selection_rules_on_a_hand_made_example():
     assert select_anchors(logits, "erd")[0].nonzero().flatten().tolist() == [3, 5]
     assert select_anchors(logits, "topk", topk=3)[0].nonzero().flatten().tolist() == [3, 5, 7]
     assert select_anchors(logits, "all").all()
+
+
+@pytest.mark.parametrize("form", ["sigmoid_kd", "l2"])
+def test_distillation_on_the_masks_indices_equals_the_masks(form):
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(3, 20, 4, generator=g)
+    mask = torch.rand(3, 20, generator=g) > 0.6
+    values, grads = [], []
+    for where in (mask, mask.nonzero(as_tuple=True)):
+        s = (t + torch.randn(3, 20, 4, generator=torch.Generator().manual_seed(4))).requires_grad_()
+        v = cls_distillation(s, t, where, form) + box_distillation(s, t, where, "smooth_l1")
+        v.backward()
+        values.append(v)
+        grads.append(s.grad)
+    assert values[0] > 0
+    assert torch.equal(values[0], values[1]) and torch.equal(grads[0], grads[1])
+    empty = torch.zeros(3, 20, dtype=torch.bool)
+    assert cls_distillation(t, t, empty.nonzero(as_tuple=True), form) == 0

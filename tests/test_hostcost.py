@@ -20,6 +20,8 @@ def test_parts_add_up_and_the_loop_synchronises_once_per_iteration(tiny_config):
     assert sum(out[k] for k in parts) == pytest.approx(out["host"], rel=0.5)
     # no loss term is read back per iteration: only the finiteness check synchronises
     assert out["syncs"]["loop"] == 1
+    # in the loss: the foreground anchors of the box loss and the distilled anchors, once each
+    assert out["syncs"]["loss"] == 2
     assert out["ops"]["loss"] > 0 and out["ops"]["model_forward"] > 0
     # the allocator follows train.keep_freed_memory, as training does; page faults are counted
     assert out["keep_freed_memory"] is has_glibc()
