@@ -109,7 +109,7 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 1,  # loader processes, or auto: the free CPU cores (at most 8)
         "threads": None,  # torch intra-op threads (null: torch's default)
         # keep freed memory in the process instead of handing it back to the system at every
-        # iteration (glibc's malloc; elsewhere nothing changes): CPU training 15 % faster
+        # iteration (glibc's malloc; elsewhere nothing changes): CPU training about 8 % faster
         "keep_freed_memory": True,
         "device": "auto",  # auto | cpu | cuda | cuda:N (under torchrun: one GPU per process)
         # null | auto | bf16 | fp16: autocast mixed precision (fp16 on CUDA only; auto: bf16 on

@@ -79,9 +79,10 @@ def keep_freed_memory() -> bool:
     By default glibc serves each allocation above a threshold with a fresh mapping and trims
     the top of its heap as soon as enough of it is free, so a training iteration, which frees
     and reallocates the same large activations, pays for their pages again every time: about
-    27 000 page faults per iteration of the CPU preset (step 1, batch 16), 9 000 with these
-    settings, which make the whole iteration about 15 % faster (docs/benchmarks.md). Freed
-    memory is then kept up to 1 GiB; the peak (what the process needs anyway) is unchanged.
+    20 000 to 24 000 page faults per iteration of the CPU preset (step 1, batch 16), under 1 000
+    with these settings: the iteration is 11-19 % faster, training end to end about 8 %
+    (docs/benchmarks.md). Freed memory is then kept up to 1 GiB; the peak (what the process
+    needs anyway) is unchanged.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -37,11 +37,12 @@ def predict(model, records: Sequence[ImageRecord], order: Sequence[int], batch_s
                            category_ids=np.zeros((0,), np.int64), iscrowd=np.zeros((0,), bool))
                    for r in records]
     dataset = DetectionDataset(images_only, {}, [[] for _ in records], transform=None)
-    loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, seed=0)
+    loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, seed=0,
+                         device=device)
     order_t = torch.as_tensor(list(order), dtype=torch.int64)
     results = []
     for images, targets in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
-        outputs = model([img.to(device) for img in images])
+        outputs = model([img.to(device, non_blocking=True) for img in images])
         for out, t in zip(outputs, targets):
             boxes = out["boxes"].cpu()
             if boxes.numel() == 0:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou
 
+from incdet.devices import host_to_device
 from incdet.distributed import global_count
 from incdet.errors import check_choice
 
@@ -62,7 +63,7 @@ def pad_targets(targets: Sequence[dict], device=None) -> PaddedTargets:
     if m:  # one scatter of all the boxes (padding per image would cost operators per image)
         rows = [i for i, c in enumerate(counts) for _ in range(c)]
         cols = [j for c in counts for j in range(c)]
-        where = torch.tensor([rows, cols], dtype=torch.int64).to(first.device, non_blocking=True)
+        where = host_to_device([rows, cols], torch.int64, first.device)
         boxes[where[0], where[1]] = torch.cat([t["boxes"] for t in targets])
         labels[where[0], where[1]] = torch.cat([t["labels"] for t in targets])
     valid = labels >= 0
@@ -127,12 +128,13 @@ def label_space_mask(targets: Sequence[dict], num_classes: int, device) -> torch
     spaces = [t.get("label_space") for t in targets]
     given = [i for i, s in enumerate(spaces) if s is not None]
     if given:
-        rows = torch.tensor([i for i in given for _ in range(len(spaces[i]))],
-                            dtype=torch.int64, device=device)
-        cols = torch.cat([spaces[i] for i in given]).to(device)
+        rows = host_to_device([i for i in given for _ in range(len(spaces[i]))], torch.int64,
+                              device)
+        cols = torch.cat([spaces[i] for i in given]).to(device, non_blocking=True)
         mask[rows, cols] = True
     if len(given) < len(targets):
-        mask[[i for i, s in enumerate(spaces) if s is None]] = True
+        mask[host_to_device([i for i, s in enumerate(spaces) if s is None], torch.int64,
+                            device)] = True
     return mask
 
 
@@ -284,7 +286,7 @@ class DetectionLoss:
         parts = []
         for flag in (False, True):
             idx = [i for i, r in enumerate(replayed) if r == flag]
-            sel = torch.tensor(idx, dtype=torch.long, device=device)
+            sel = host_to_device(idx, torch.long, device)
             parts.append(self._pooled({k: v.index_select(0, sel) for k, v in head_outputs.items()},
                                       anchors.index_select(0, sel), [targets[i] for i in idx],
                                       matched.index_select(0, sel), padded.select(sel)))

@@ -59,7 +59,7 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def train_loader(cfg: dict, classes: ClassSpace, records, label_space, memory: Memory | None,
-                 seed: int):
+                 seed: int, device=None):
     """The step's training loader: new images (label space of the step) and, with a memory,
     replayed memory images (each with its own label space) mixed into every batch.
 
@@ -114,10 +114,12 @@ def train_loader(cfg: dict, classes: ClassSpace, records, label_space, memory: M
         if world > 1:  # every process draws the same global batches and keeps its slice
             sampler = dist.ShardedBatchSampler(sampler, rank, world)
         loader = make_loader(dataset, bs, shuffle=False, num_workers=workers,
-                             seed=int(tcfg["seed"]) + seed + 7919 * rank, batch_sampler=sampler)
+                             seed=int(tcfg["seed"]) + seed + 7919 * rank, batch_sampler=sampler,
+                             device=device)
     else:
         loader = make_loader(dataset, bs, shuffle=True, num_workers=workers,
-                             seed=int(tcfg["seed"]) + seed, drop_last=len(dataset) > bs)
+                             seed=int(tcfg["seed"]) + seed, drop_last=len(dataset) > bs,
+                             device=device)
     loader.worker_init_fn = _seed_worker
     return loader
 
@@ -350,7 +352,8 @@ class StepRun:
                                 "memory: retrain it with memory.budget set, or set "
                                 "memory.budget: 0")
             memory = Memory.from_json(mem_path, cfg["data"]["root"])
-        loader = train_loader(cfg, classes, records, plan.label_space, memory, seed=t)
+        loader = train_loader(cfg, classes, records, plan.label_space, memory, seed=t,
+                              device=device)
 
         memory_format = (torch.channels_last if tcfg.get("channels_last")
                          else torch.contiguous_format)

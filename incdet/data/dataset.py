@@ -75,16 +75,17 @@ def collate(batch):
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                drop_last: bool = False, batch_sampler=None) -> torch.utils.data.DataLoader:
-    """A loader whose shuffling is seeded by ``seed`` (or driven by ``batch_sampler``)."""
+                drop_last: bool = False, batch_sampler=None,
+                device=None) -> torch.utils.data.DataLoader:
+    """A loader whose shuffling is seeded by ``seed`` (or driven by ``batch_sampler``). For a
+    CUDA ``device`` the batches come in pinned memory, so that their copies to the GPU
+    (``non_blocking``) do not make the host wait."""
     generator = torch.Generator()
     generator.manual_seed(seed)
+    common = {"num_workers": num_workers, "collate_fn": collate, "generator": generator,
+              "persistent_workers": num_workers > 0,
+              "pin_memory": device is not None and torch.device(device).type == "cuda"}
     if batch_sampler is not None:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler,
-                                           num_workers=num_workers, collate_fn=collate,
-                                           generator=generator,
-                                           persistent_workers=num_workers > 0)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **common)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                                       num_workers=num_workers, collate_fn=collate,
-                                       generator=generator, drop_last=drop_last,
-                                       persistent_workers=num_workers > 0)
+                                       drop_last=drop_last, **common)

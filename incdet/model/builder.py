@@ -33,6 +33,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from incdet.devices import host_to_device
 from incdet.errors import UserError, check_choice
 from incdet.model.heads import IncrementalHead, norm_layer_for
 
@@ -320,8 +321,8 @@ def batch_transform(transform, images: list[Tensor], targets: list[dict] | None 
         # many random numbers, so that the random stream, and so training, stay the same
         torch.empty(len(images)).uniform_(0.0, 1.0)
     x = torch.stack(images)
-    mean = torch.as_tensor(transform.image_mean, dtype=x.dtype, device=x.device)[:, None, None]
-    std = torch.as_tensor(transform.image_std, dtype=x.dtype, device=x.device)[:, None, None]
+    mean = host_to_device(transform.image_mean, x.dtype, x.device)[:, None, None]
+    std = host_to_device(transform.image_std, x.dtype, x.device)[:, None, None]
     x.sub_(mean).div_(std)  # in place on the fresh stack: no batch-sized temporaries
     h, w = x.shape[-2:]
     scale = min(float(transform.min_size[-1]) / min(h, w), float(transform.max_size) / max(h, w))
@@ -339,8 +340,9 @@ def batch_transform(transform, images: list[Tensor], targets: list[dict] | None 
         targets = [dict(t) for t in targets]
         if (nh, nw) != (h, w):  # the ratios as torchvision computes them (float32 division)
             dtype, device = targets[0]["boxes"].dtype, targets[0]["boxes"].device
-            ratio = (torch.tensor([nw, nh, nw, nh], dtype=torch.float32, device=device) /
-                     torch.tensor([w, h, w, h], dtype=torch.float32, device=device)).to(dtype)
+            ratio = host_to_device([nw, nh, nw, nh], torch.float32, device) / \
+                host_to_device([w, h, w, h], torch.float32, device)
+            ratio = ratio.to(dtype)
             for t in targets:
                 t["boxes"] = t["boxes"] * ratio
     return ImageList(x, [(int(nh), int(nw))] * x.shape[0]), targets
