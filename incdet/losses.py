@@ -148,29 +148,42 @@ def _softplus(z: torch.Tensor) -> torch.Tensor:
 
 
 class _FocalSum(torch.autograd.Function):
-    """``sum(coef * (1 - p_t) ** gamma * -log(p_t))`` over logits ``x`` with binary targets
-    ``positive``: the sum of torchvision's ``sigmoid_focal_loss(x, positive, alpha=-1)`` weighted
-    by ``coef``, in a few elementwise operators and with the gradient in closed form.
+    """The focal loss of logits ``x`` with binary targets ``positive``, summed over the elements
+    that count: the positives (weighted ``alpha``) and the ``negative`` ones (weighted
+    ``1 - alpha``); ``alpha < 0``: no weighting, as in torchvision. The sum of torchvision's
+    ``sigmoid_focal_loss`` times that mask, in a few elementwise operators, with the gradient in
+    closed form.
 
     With ``z = -x`` on positives and ``x`` elsewhere, ``1 - p_t = sigmoid(z)`` and
     ``-log(p_t) = softplus(z)``; with ``q = sigmoid(z)``, ``d/dz (q**g * softplus(z)) =
-    q**g * (g * (1 - q) * softplus(z) + q)``."""
+    q**g * (g * (1 - q) * softplus(z) + q)``. Only ``x`` and the two masks are kept for the
+    backward, which recomputes the rest: for a COCO batch of 16 (150 M logits) that is 0.9 GB
+    kept instead of 2.6 GB."""
 
     @staticmethod
-    def forward(ctx, x, positive, coef, gamma: float):
+    def _terms(x, positive, negative, alpha: float, gamma: float):
+        """``coef``, ``q``, ``softplus(z)`` and ``q ** gamma``."""
+        if alpha >= 0:
+            coef = torch.where(positive, alpha, negative.to(x.dtype) * (1 - alpha))
+        else:
+            coef = (positive | negative).to(x.dtype)
         z = torch.where(positive, -x, x)
         q = z.sigmoid()
-        ce = _softplus(z)
-        qg = q.pow(gamma)
-        ctx.save_for_backward(positive, coef, q, ce, qg)
-        ctx.gamma = gamma
+        return coef, q, _softplus(z), q.pow(gamma)
+
+    @staticmethod
+    def forward(ctx, x, positive, negative, alpha: float, gamma: float):
+        coef, _, ce, qg = _FocalSum._terms(x, positive, negative, alpha, gamma)
+        ctx.save_for_backward(x, positive, negative)
+        ctx.alpha, ctx.gamma = alpha, gamma
         return (coef * qg * ce).sum()
 
     @staticmethod
     def backward(ctx, grad):
-        positive, coef, q, ce, qg = ctx.saved_tensors
+        x, positive, negative = ctx.saved_tensors
+        coef, q, ce, qg = _FocalSum._terms(x, positive, negative, ctx.alpha, ctx.gamma)
         dz = (coef * grad) * qg * ((1 - q) * ce * ctx.gamma + q)
-        return torch.where(positive, -dz, dz), None, None, None
+        return torch.where(positive, -dz, dz), None, None, None, None
 
 
 def masked_focal_loss(cls_logits: torch.Tensor, targets: Sequence[dict], matched_idxs,
@@ -182,8 +195,8 @@ def masked_focal_loss(cls_logits: torch.Tensor, targets: Sequence[dict], matched
     (HWA,), as :func:`match_anchors` gives.
 
     The value of torchvision's ``sigmoid_focal_loss`` times the mask, computed in float32 (at
-    least) by :class:`_FocalSum`: a third of the operators, and no (N, HWA, K) intermediates
-    kept for the backward beyond its own four."""
+    least) by :class:`_FocalSum`: a third of the operators, and only the logits and two masks
+    kept for the backward."""
     n, hwa, k = cls_logits.shape
     device = cls_logits.device
     x = cls_logits.to(torch.promote_types(cls_logits.dtype, torch.float32))
@@ -199,11 +212,7 @@ def masked_focal_loss(cls_logits: torch.Tensor, targets: Sequence[dict], matched
     # always count (a pseudo-label may be of a class outside the label space)
     negative = (matched != BETWEEN_THRESHOLDS)[:, :, None] & \
         label_space_mask(targets, k, device)[:, None, :]
-    if alpha >= 0:
-        coef = torch.where(positive, alpha, negative.to(x.dtype) * (1 - alpha))
-    else:  # torchvision's convention: no alpha weighting
-        coef = (positive | negative).to(x.dtype)
-    loss = _FocalSum.apply(x, positive, coef, float(gamma))
+    loss = _FocalSum.apply(x, positive, negative, float(alpha), float(gamma))
     return loss / global_count(fg.sum()).clamp(min=1.0)
 
 

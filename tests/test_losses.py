@@ -294,8 +294,10 @@ def test_focal_sum_gradient_is_the_derivative_of_its_value(gamma):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(3, 7, 4, generator=g, dtype=torch.float64) * 4).requires_grad_()
     positive = torch.rand(3, 7, 4, generator=g) > 0.7
-    coef = torch.rand(3, 7, 4, generator=g, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda v: _FocalSum.apply(v, positive, coef, gamma), (x,))
+    negative = torch.rand(3, 7, 4, generator=g) > 0.3
+    for alpha in (0.25, -1.0):
+        assert torch.autograd.gradcheck(
+            lambda v, a=alpha: _FocalSum.apply(v, positive, negative, a, gamma), (x,))
 
 
 @pytest.mark.parametrize("alpha", [0.25, -1.0])
