@@ -108,8 +108,8 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,  # training seed (initialisation, data order, augmentation)
         "num_workers": 1,  # loader processes, or auto: the free CPU cores (at most 8)
         "threads": None,  # torch intra-op threads (null: torch's default)
-        # keep freed memory in the process instead of handing it back to the system at every
-        # iteration (glibc's malloc; elsewhere nothing changes): CPU training about 8 % faster
+        # CPU training: keep freed memory in the process instead of handing it back to the
+        # system at every iteration (glibc's malloc; elsewhere nothing changes): about 8 % faster
         "keep_freed_memory": True,
         "device": "auto",  # auto | cpu | cuda | cuda:N (under torchrun: one GPU per process)
         # null | auto | bf16 | fp16: autocast mixed precision (fp16 on CUDA only; auto: bf16 on

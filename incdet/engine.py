@@ -312,7 +312,9 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
         sums = LossSums()
         n_batches, t_epoch, epoch_images = 0, time.perf_counter(), 0
         epoch_rng = shuffle_generator.get_state() if shuffle_generator is not None else None
+        yielded = 0
         for b, (images, targets) in enumerate(loader):
+            yielded += 1
             if b < skip:  # already trained on before the interruption
                 continue
             images, targets = batch_to(images, targets, device)
@@ -376,9 +378,16 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
                 break
             if every and on_checkpoint is not None and it % every == 0:
                 on_checkpoint(epoch, it, (epoch_rng, b + 1))
-        skip = 0
+        resumed_at_end, skip = yielded > 0 and yielded <= skip, 0
         seconds = time.perf_counter() - t_epoch
         result.images += epoch_images
+        if n_batches == 0 and resumed_at_end:
+            # interrupted after this epoch's last batch but before its end was recorded: the
+            # epoch is done (its loss sums went with the process: no log line)
+            epoch += 1
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, it)
+            continue
         if n_batches == 0:
             raise UserError("the training set is empty; check the split and the annotations")
         line = {"epoch": epoch, "iteration": it, "lr": optimizer.param_groups[0]["lr"],

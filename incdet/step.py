@@ -315,8 +315,10 @@ class StepRun:
                             "evaluation happens at checkpoints")
         if tcfg.get("threads"):
             torch.set_num_threads(int(tcfg["threads"]))
-        kept_memory = bool(tcfg.get("keep_freed_memory")) and keep_freed_memory()
         device = resolve_device(dist.setup(tcfg["device"]))
+        # CPU training only: on a GPU the host allocates little per iteration (not measured)
+        kept_memory = bool(tcfg.get("keep_freed_memory")) and device.type == "cpu" and \
+            keep_freed_memory()
         reset_peak_memory(device)  # metrics.json reports this step's peak
         main = dist.is_main()
         seed_everything(int(tcfg["seed"]) + t)

@@ -50,9 +50,9 @@ def test_losses_on_the_device_equal_the_cpu_ones():
     box_coder = det_utils.BoxCoder((1.0, 1.0, 1.0, 1.0))
     outputs, anchors, targets = _awkward_batch(0)
     targets[1]["replayed"] = targets[3]["replayed"] = True
-    results = {}
+    results = []
     for device in (torch.device("cpu"), DEVICE):
-        out = {k: v.to(device).requires_grad_() for k, v in outputs.items()}
+        out = {k: v.detach().clone().to(device).requires_grad_() for k, v in outputs.items()}
         tgt = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
                for t in targets]
         losses = DetectionLoss(dict(DEFAULTS["loss"]), box_coder, matcher, 0.5)(
@@ -64,9 +64,9 @@ def test_losses_on_the_device_equal_the_cpu_ones():
         losses["distill_box"] = box_distillation(out["bbox_regression"],
                                                  out["bbox_regression"].detach() + 0.1, where)
         sum(losses.values()).backward()
-        results[device.type] = ({k: v.detach().cpu() for k, v in losses.items()},
-                                {k: v.grad.cpu() for k, v in out.items()})
-    (cpu_values, cpu_grads), (dev_values, dev_grads) = results["cpu"], results[DEVICE.type]
+        results.append(({k: v.detach().cpu() for k, v in losses.items()},
+                        {k: v.grad.cpu() for k, v in out.items()}))
+    (cpu_values, cpu_grads), (dev_values, dev_grads) = results
     assert all(v > 0 for v in cpu_values.values())
     for k in cpu_values:
         torch.testing.assert_close(dev_values[k], cpu_values[k], rtol=1e-5, atol=1e-6)

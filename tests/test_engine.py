@@ -344,3 +344,27 @@ def test_keep_freed_memory_changes_nothing_without_glibc(monkeypatch):
     monkeypatch.setattr(engine.sys, "platform", "darwin")
     monkeypatch.setattr(ctypes, "CDLL", lambda name: pytest.fail("no library is opened"))
     assert engine.keep_freed_memory() is False
+
+
+def test_resuming_right_after_an_epochs_last_batch_goes_on_with_the_next_epoch(tmp_path):
+    """A kill between the checkpoint of an epoch's last batch and the epoch's end leaves
+    ``batches_done`` equal to the epoch's length: resuming finishes that epoch and trains on."""
+    model, optimizer, scheduler = _linear_model()
+    loader = [([torch.ones(2)], [{}])] * 3
+    calls, ends = [], []
+
+    def loss_fn(images, targets):
+        calls.append(1)
+        out = model(images[0]).sum()
+        return {"loss_cls": out, "loss_box": out * 0}
+
+    generator = torch.Generator()
+    result = train(model, loss_fn, loader, optimizer, scheduler, dict(DEFAULTS["train"]),
+                   {"loss_cls": 1.0, "loss_box": 1.0}, 6, "cpu", tmp_path, start_iter=3,
+                   start_epoch=0, on_epoch_end=lambda e, i: ends.append((e, i)),
+                   progress=False, shuffle_generator=generator,
+                   resume_position=(generator.get_state(), 3))
+    assert result.iterations == 3 and len(calls) == 3
+    assert ends == [(1, 3), (2, 6)]
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1]
