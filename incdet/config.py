@@ -109,8 +109,9 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 1,  # loader processes, or auto: the free CPU cores (at most 8)
         "threads": None,  # torch intra-op threads (null: torch's default)
         # CPU training: keep freed memory in the process instead of handing it back to the
-        # system at every iteration (glibc's malloc; elsewhere nothing changes): about 8 % faster
-        "keep_freed_memory": True,
+        # system at every iteration (glibc's malloc; elsewhere nothing changes): about 8 % faster;
+        # off by default: with it a test's short training varied from run to run (benchmarks.md)
+        "keep_freed_memory": False,
         "device": "auto",  # auto | cpu | cuda | cuda:N (under torchrun: one GPU per process)
         # null | auto | bf16 | fp16: autocast mixed precision (fp16 on CUDA only; auto: bf16 on
         # a GPU that supports it, full precision elsewhere)

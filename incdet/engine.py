@@ -82,7 +82,8 @@ def keep_freed_memory() -> bool:
     20 000 to 24 000 page faults per iteration of the CPU preset (step 1, batch 16), under 1 000
     with these settings: the iteration is 11-19 % faster, training end to end about 8 %
     (docs/benchmarks.md). Freed memory is then kept up to 1 GiB; the peak (what the process
-    needs anyway) is unchanged.
+    needs anyway) is unchanged. Off by default: with it, a test's short training varied more
+    from run to run (docs/benchmarks.md).
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -52,16 +52,3 @@ def write_coco(path: Path, images, annotations, categories) -> Path:
     path.write_text(json.dumps({"images": images, "annotations": annotations,
                                 "categories": categories}))
     return path
-
-
-def has_glibc() -> bool:
-    """Linux with glibc's malloc (what train.keep_freed_memory tunes)."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
-    except OSError:
-        return False

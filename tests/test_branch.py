@@ -29,7 +29,7 @@ data: {{root: {tiny_dataset}, synthetic: {{generate: false}}}}
 split: "5+5"
 model: {{min_size: 64, max_size: 64, fpn_channels: 16, head_convs: 1, score_thresh: 0.0,
         detections_per_img: 20, topk_candidates: 50}}
-train: {{max_iters: 3, batch_size: 4, num_workers: 0, warmup_iters: 1, lr: 0.05}}
+train: {{max_iters: 3, batch_size: 4, num_workers: 0, warmup_iters: 1, lr: 0.005}}
 incremental: {{method: branch}}
 memory: {{budget: 0}}
 """)
