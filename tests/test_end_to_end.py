@@ -192,16 +192,16 @@ def test_memory_is_selected_within_budget_and_replayed_with_its_label_space(
     assert {r.id for r in ds.records[num_new:]} == set(memory.records)
     assert any(i in new_ids for i in memory.records)  # the case the pool rule is about
     for i in range(num_new, len(ds)):
-        rec, space = ds.records[i], set(ds.label_spaces[i].tolist())
+        rec, got = ds.records[i], set(ds.label_spaces[i].tolist())
         old_space = set(classes.labels(memory.label_spaces[rec.id]))
         assert old_space <= {0, 1, 2, 3, 4}  # memory images are annotated for step-0 classes
         assert ds[i][1]["replayed"] is True  # the loss tells them apart
         if rec.id in new_ids:  # also a new image: annotated for both steps, with both boxes
-            assert space == old_space | {5, 6, 7, 8, 9}
+            assert got == old_space | {5, 6, 7, 8, 9}
             new_rec = next(r for r in new_records if r.id == rec.id)
             assert len(rec.boxes) == len(new_rec.boxes) + len(memory.records[rec.id].boxes)
         else:  # memory only: its own label space; later classes are not background on it
-            assert space == old_space
+            assert got == old_space
             assert set(rec.category_ids.tolist()) <= {1, 2, 4, 5, 7}
     for i, r in enumerate(ds.records):
         assert set(classes.labels(r.category_ids.tolist())) <= set(ds.label_spaces[i].tolist())
