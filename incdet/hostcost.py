@@ -31,9 +31,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from incdet import methods
 from incdet.engine import (
+    apply_keep_freed_memory,
     build_optimizer,
     build_scheduler,
-    keep_freed_memory,
     seed_everything,
     train,
 )
@@ -159,7 +159,7 @@ def host_cost(cfg: dict, iters: int = 5, warmup: int = 2, batch_size: int = 16,
     if threads:
         torch.set_num_threads(int(threads))
     # as training does (run_step): the allocator's settings change page faults, so timings
-    kept = bool(cfg["train"].get("keep_freed_memory")) and keep_freed_memory()
+    kept = apply_keep_freed_memory(cfg["train"], "cpu")
     try:
         out = _host_cost(copy.deepcopy(cfg), iters, warmup, batch_size, progress)
     finally:

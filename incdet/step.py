@@ -29,10 +29,10 @@ from incdet.data.sampler import MixedBatchSampler, check_replay_mode
 from incdet.data.sources import ensure_builtin, load_subset
 from incdet.data.transforms import build_train_transform
 from incdet.engine import (
+    apply_keep_freed_memory,
     build_optimizer,
     build_scheduler,
     device_record,
-    keep_freed_memory,
     reset_peak_memory,
     resolve_device,
     resolve_num_workers,
@@ -316,9 +316,7 @@ class StepRun:
         if tcfg.get("threads"):
             torch.set_num_threads(int(tcfg["threads"]))
         device = resolve_device(dist.setup(tcfg["device"]))
-        # CPU training only: on a GPU the host allocates little per iteration (not measured)
-        kept_memory = bool(tcfg.get("keep_freed_memory")) and device.type == "cpu" and \
-            keep_freed_memory()
+        kept_memory = apply_keep_freed_memory(tcfg, device)
         reset_peak_memory(device)  # metrics.json reports this step's peak
         main = dist.is_main()
         seed_everything(int(tcfg["seed"]) + t)

@@ -14,6 +14,7 @@ With ``model.caps_per_step`` the model is an :class:`IncrementalRetinaNet`, whos
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import weakref
@@ -321,8 +322,8 @@ def batch_transform(transform, images: list[Tensor], targets: list[dict] | None 
         # many random numbers, so that the random stream, and so training, stay the same
         torch.empty(len(images)).uniform_(0.0, 1.0)
     x = torch.stack(images)
-    mean = host_to_device(transform.image_mean, x.dtype, x.device)[:, None, None]
-    std = host_to_device(transform.image_std, x.dtype, x.device)[:, None, None]
+    mean, std = _normalisation(tuple(transform.image_mean), tuple(transform.image_std), x.dtype,
+                               x.device)
     x.sub_(mean).div_(std)  # in place on the fresh stack: no batch-sized temporaries
     h, w = x.shape[-2:]
     scale = min(float(transform.min_size[-1]) / min(h, w), float(transform.max_size) / max(h, w))
@@ -340,12 +341,20 @@ def batch_transform(transform, images: list[Tensor], targets: list[dict] | None 
         targets = [dict(t) for t in targets]
         if (nh, nw) != (h, w):  # the ratios as torchvision computes them (float32 division)
             dtype, device = targets[0]["boxes"].dtype, targets[0]["boxes"].device
-            ratio = host_to_device([nw, nh, nw, nh], torch.float32, device) / \
-                host_to_device([w, h, w, h], torch.float32, device)
-            ratio = ratio.to(dtype)
+            ratio = (torch.tensor([nw, nh, nw, nh], dtype=torch.float32) /
+                     torch.tensor([w, h, w, h], dtype=torch.float32)).tolist()
+            ratio = host_to_device(ratio, dtype, device)  # float32 values, exact in dtype
             for t in targets:
                 t["boxes"] = t["boxes"] * ratio
     return ImageList(x, [(int(nh), int(nw))] * x.shape[0]), targets
+
+
+@functools.lru_cache(maxsize=16)
+def _normalisation(mean: tuple, std: tuple, dtype: torch.dtype, device: torch.device):
+    """The (3, 1, 1) mean and std of a transform on ``device``, made once (not at every
+    iteration)."""
+    return (host_to_device(mean, dtype, device)[:, None, None],
+            host_to_device(std, dtype, device)[:, None, None])
 
 
 def _batchable(transform, images: list[Tensor], targets: list[dict] | None) -> bool:
