@@ -294,7 +294,8 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
     optimizer steps; nothing is saved for the failing iteration, so the last checkpoint stays the
     last good one. Loss values are read back from the device every ``train.log_every``
     iterations (TensorBoard, progress bar) and at epoch ends (``log.jsonl``) only; the
-    finiteness check is the one synchronisation per iteration (module docstring).
+    finiteness check is the loop's one synchronisation per iteration (module docstring; the loss
+    function may add its own: incdet's adds two).
     """
     result = TrainResult()
     it, epoch = start_iter, start_epoch
