@@ -10,12 +10,12 @@ import sys
 
 import torch
 
-from incdet import distributed as dist
-from incdet import methods
-from incdet.config import load_config
+from incdet.base import distributed as dist
+from incdet.base.config import load_config
 from incdet.data.dataset import DetectionDataset, collate
 from incdet.data.records import filter_for_classes
-from incdet.step import load_experiment
+from incdet.experiment import methods
+from incdet.experiment.step import load_experiment
 
 
 def main(cfg_path: str, out: str, mode: str = "sync") -> None:

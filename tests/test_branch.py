@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from incdet import methods
-from incdet.checkpoint import load_checkpoint
-from incdet.config import load_config
-from incdet.errors import UserError
-from incdet.export import BranchedClassificationHead, ExportModule, export, load_detector
+from incdet.base.config import load_config
+from incdet.base.errors import UserError
+from incdet.deploy.export import BranchedClassificationHead, ExportModule, export, load_detector
+from incdet.experiment import methods
+from incdet.experiment.step import load_experiment, model_from_checkpoint, run_step
 from incdet.model.builder import IncrementalRetinaNet, build_model, grow_model
+from incdet.model.checkpoint import load_checkpoint
 from incdet.model.heads import IncrementalClassificationHead
-from incdet.step import load_experiment, model_from_checkpoint, run_step
 
 SIZES = ((64, 64), (48, 80))
 

@@ -5,8 +5,8 @@ import torch
 import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
-from incdet.config import DEFAULTS
-from incdet.errors import UserError
+from incdet.base.config import DEFAULTS
+from incdet.base.errors import UserError
 from incdet.model.builder import build_model, forward_train
 
 SMALL = dict(DEFAULTS["model"], fpn_channels=16, head_convs=1, min_size=64, max_size=64)

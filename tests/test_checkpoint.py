@@ -5,8 +5,8 @@ import pickle
 import pytest
 import torch
 
-from incdet.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from incdet.errors import UserError
+from incdet.base.errors import UserError
+from incdet.model.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 
 
 class _Payload:
@@ -54,9 +54,9 @@ def test_round_trip_and_compatibility_checks(tmp_path):
 
 
 def test_config_saved_before_reduced_tail_existed_rebuilds_the_full_tail():
-    from incdet.config import DEFAULTS, with_defaults
+    from incdet.base.config import DEFAULTS, with_defaults
+    from incdet.experiment.step import model_from_checkpoint
     from incdet.model.builder import build_model
-    from incdet.step import model_from_checkpoint
 
     saved = copy.deepcopy(DEFAULTS)
     saved["model"].update(fpn_channels=16, head_convs=1, min_size=64, max_size=64)
@@ -82,7 +82,7 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     """Not mkstemp's 0600: a results file another user (or a web server) reads is readable."""
     import os
 
-    from incdet.io import atomic_torch_save, atomic_write_json
+    from incdet.base.io import atomic_torch_save, atomic_write_json
 
     old = os.umask(0o022)
     try:

@@ -1,7 +1,7 @@
 import pytest
 
-from incdet.classes import ClassSpace, parse_split_sizes
-from incdet.errors import UserError
+from incdet.base.errors import UserError
+from incdet.data.classes import ClassSpace, parse_split_sizes
 
 CATS = [{"id": i, "name": f"c{i}"} for i in (1, 2, 4, 5, 7, 9, 11, 14, 16, 18)]
 

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from incdet.config import DEFAULTS, dump_config, load_config
-from incdet.errors import UserError
+from incdet.base.config import DEFAULTS, dump_config, load_config
+from incdet.base.errors import UserError
 
 
 def test_defaults_and_override(tmp_path):
@@ -72,13 +72,13 @@ def test_configuration_reference_is_current_and_complete():
     """docs/configuration.md is generated from DEFAULTS and its comments: it cannot drift."""
     import re
 
-    from incdet.config import DEFAULTS, reference_markdown
+    from incdet.base.config import DEFAULTS, reference_markdown
 
     from conftest import ROOT
 
     text = (ROOT / "docs" / "configuration.md").read_text()
     assert text == reference_markdown(), \
-        "docs/configuration.md is stale: python -m incdet.config > docs/configuration.md"
+        "docs/configuration.md is stale: python -m incdet.base.config > docs/configuration.md"
 
     def leaves(d, prefix=""):
         for k, v in d.items():

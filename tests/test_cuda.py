@@ -11,8 +11,8 @@ import warnings
 import pytest
 import torch
 
-from incdet.config import DEFAULTS, load_config
-from incdet.devices import host_to_device
+from incdet.base.config import DEFAULTS, load_config
+from incdet.base.devices import host_to_device
 
 DEVICE = torch.device(os.environ.get("INCDET_TEST_DEVICE", "cuda"))
 ON_GPU = DEVICE.type == "cuda"
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.cuda,
 
 
 def test_a_step_trains_on_the_device_and_records_it(tiny_config, tmp_path):
-    from incdet.step import run_step
+    from incdet.experiment.step import run_step
 
     cfg = load_config(tiny_config, ["train.max_iters=3", f"train.device={DEVICE}",
                                     "train.amp=auto", "train.channels_last=true",
@@ -43,8 +43,8 @@ def test_losses_on_the_device_equal_the_cpu_ones():
     from test_losses import _awkward_batch
     from torchvision.models.detection import _utils as det_utils
 
-    from incdet.distill import box_distillation, cls_distillation
-    from incdet.losses import DetectionLoss
+    from incdet.train.distill import box_distillation, cls_distillation
+    from incdet.train.losses import DetectionLoss
 
     matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
     box_coder = det_utils.BoxCoder((1.0, 1.0, 1.0, 1.0))
@@ -87,9 +87,9 @@ def test_the_training_loop_waits_for_the_device_three_times_per_iteration(tiny_c
     """An ``incdet`` step-1 iteration reads back from the GPU three times: the foreground anchors
     of the box loss, the distilled anchors, and the finiteness check (engine's docstring);
     nothing else makes the host wait (torch's synchronisation debug mode counts them)."""
-    from incdet import methods
-    from incdet.engine import build_optimizer, build_scheduler, train
-    from incdet.step import new_class_batch
+    from incdet.experiment import methods
+    from incdet.experiment.step import new_class_batch
+    from incdet.train.engine import build_optimizer, build_scheduler, train
 
     cfg = load_config(tiny_config, ["model.fpn_channels=8"])
     classes, sc, plan, images, targets = new_class_batch(cfg, 4)

@@ -8,10 +8,10 @@ import json
 import torch
 from torchvision.ops import box_iou
 
-from incdet.config import load_config
+from incdet.base.config import load_config
 from incdet.data.synthetic import CATEGORIES, render_image
-from incdet.export import Detector, as_image_tensor
-from incdet.model.importer import import_detector, load_torchvision, read_classes, slot_classes
+from incdet.deploy.export import Detector, as_image_tensor
+from incdet.experiment.importer import import_detector, load_torchvision, read_classes, slot_classes
 
 from conftest import ROOT
 

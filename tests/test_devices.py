@@ -1,8 +1,8 @@
 """Host-made tensors and loaders for the device (the CUDA side: tests/test_cuda.py)."""
 import torch
 
+from incdet.base.devices import host_to_device
 from incdet.data.dataset import make_loader
-from incdet.devices import host_to_device
 
 
 def test_on_cpu_a_host_made_tensor_is_the_plain_tensor():

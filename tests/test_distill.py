@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from incdet.distill import box_distillation, cls_distillation, select_anchors
+from incdet.train.distill import box_distillation, cls_distillation, select_anchors
 
 
 @pytest.mark.parametrize("form", ["sigmoid_kd", "l2"])

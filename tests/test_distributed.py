@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from incdet.checkpoint import load_checkpoint
+from incdet.model.checkpoint import load_checkpoint
 
 from conftest import ROOT
 

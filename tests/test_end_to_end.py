@@ -10,12 +10,12 @@ import pytest
 import torch
 from pycocotools.cocoeval import COCOeval
 
-from incdet.checkpoint import load_checkpoint
-from incdet.config import load_config
+from incdet.base.config import load_config
 from incdet.data.records import coco_api, to_coco_dict
 from incdet.data.sources import load_subset
-from incdet.evaluation import METRIC_KEYS, predict
-from incdet.step import model_from_checkpoint, run_step
+from incdet.evaluation.coco_eval import METRIC_KEYS, predict
+from incdet.experiment.step import model_from_checkpoint, run_step
+from incdet.model.checkpoint import load_checkpoint
 
 from conftest import ROOT
 
@@ -156,7 +156,7 @@ def test_checkpoint_of_another_split_is_refused(tiny_config, tmp_path):
     run_step(cfg, 0, tmp_path, progress=False)
     shutil.copytree(tmp_path / "step_0", tmp_path / "y" / "step_0")
     reordered = load_config(tiny_config, ["split=[[5, 4, 2, 1], [7, 9, 11], [14, 16, 18]]"])
-    from incdet.errors import UserError
+    from incdet.base.errors import UserError
 
     with pytest.raises(UserError, match="another class order or split"):
         run_step(reordered, 1, tmp_path / "y", progress=False)
@@ -165,8 +165,8 @@ def test_checkpoint_of_another_split_is_refused(tiny_config, tmp_path):
 def test_memory_is_selected_within_budget_and_replayed_with_its_label_space(
         tiny_config, tmp_path):
     from incdet.data.records import filter_for_classes
-    from incdet.memory import Memory
-    from incdet.step import load_experiment, train_loader
+    from incdet.experiment.step import load_experiment, train_loader
+    from incdet.train.memory import Memory
 
     cfg = load_config(tiny_config, ["memory.budget=6", "split=5+5", "memory.replay_mode=add",
                                     "memory.replay_loss=separate"])

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from incdet.config import DEFAULTS
+from incdet.base.config import DEFAULTS
+from incdet.base.errors import UserError
 from incdet.data.sampler import MixedBatchSampler
-from incdet.engine import build_optimizer, lr_factor, train, weighted_total
-from incdet.errors import UserError
+from incdet.train.engine import build_optimizer, lr_factor, train, weighted_total
 
 
 def test_warmup_then_cosine_and_step_schedules():
@@ -206,8 +206,8 @@ def test_clipping_inside_the_fused_step_equals_clip_grad_norm(tmp_path, name):
 
 
 def test_mixed_precision_and_channels_last_options(tiny_config, tmp_path):
-    from incdet.config import load_config
-    from incdet.step import run_step
+    from incdet.base.config import load_config
+    from incdet.experiment.step import run_step
 
     cfg = load_config(tiny_config, ["train.amp=bf16", "train.channels_last=true",
                                     "train.max_iters=2", "split=10"])
@@ -225,7 +225,7 @@ def test_mixed_precision_and_channels_last_options(tiny_config, tmp_path):
 def test_num_workers_auto_is_the_free_cores_at_most_eight(monkeypatch):
     import os
 
-    from incdet.engine import resolve_num_workers
+    from incdet.train.engine import resolve_num_workers
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for cores, expected in ((1, 1), (2, 1), (4, 3), (16, 8), (64, 8)):
@@ -287,7 +287,7 @@ def test_loss_terms_are_read_back_every_log_every_and_at_epoch_ends(tmp_path, mo
 
 
 def test_amp_auto_is_full_precision_on_cpu_and_bf16_on_a_gpu_that_has_it(monkeypatch):
-    from incdet.engine import autocast_dtype, precision_name
+    from incdet.train.engine import autocast_dtype, precision_name
 
     cpu = torch.device("cpu")
     assert autocast_dtype({"amp": "auto"}, cpu) is None
@@ -316,7 +316,7 @@ class _FakeLibc:
 def test_keep_freed_memory_sets_the_allocators_thresholds(monkeypatch):
     import ctypes
 
-    from incdet import engine
+    from incdet.train import engine
 
     libc = _FakeLibc()
     opened = []
@@ -333,7 +333,7 @@ def test_keep_freed_memory_sets_the_allocators_thresholds(monkeypatch):
 def test_keep_freed_memory_changes_nothing_without_glibc(monkeypatch):
     import ctypes
 
-    from incdet import engine
+    from incdet.train import engine
 
     def missing(name):
         raise OSError(f"{name}: cannot open shared object file")

@@ -36,7 +36,7 @@ train: {{max_iters: 2, batch_size: 4, num_workers: 1, warmup_iters: 1}}
 
 
 def _run(capsys, cfg, work, *sets, step=0):
-    from incdet.cli import main_guard
+    from incdet.tools.cli import main_guard
 
     args = ["--config", str(cfg), "--step", str(step), "--work-dir", str(work), "--no-progress"]
     for s in sets:

@@ -6,7 +6,7 @@ import pytest
 from pycocotools.cocoeval import COCOeval
 
 from incdet.data.records import coco_api
-from incdet.evaluation import METRIC_KEYS, coco_evaluate
+from incdet.evaluation.coco_eval import METRIC_KEYS, coco_evaluate
 
 
 def _gt_and_results(seed=0):

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from incdet.checkpoint import load_checkpoint, save_checkpoint
-from incdet.config import load_config, with_defaults
-from incdet.errors import UserError
-from incdet.export import (
+from incdet.base.config import load_config, with_defaults
+from incdet.base.errors import UserError
+from incdet.deploy.export import (
     Detector,
     ExportModule,
     export,
@@ -19,8 +18,9 @@ from incdet.export import (
     load_detector,
     sample_images,
 )
+from incdet.experiment.step import model_from_checkpoint, run_step
+from incdet.model.checkpoint import load_checkpoint, save_checkpoint
 from incdet.model.heads import IncrementalClassificationHead
-from incdet.step import model_from_checkpoint, run_step
 
 from conftest import ROOT
 
@@ -149,7 +149,7 @@ def test_export_runs_without_incdet_and_matches_eager(grown_checkpoint, tmp_path
 
 
 def test_export_refuses_a_mismatch_and_writes_nothing(grown_checkpoint, tmp_path, monkeypatch):
-    import incdet.export as ex
+    import incdet.deploy.export as ex
 
     monkeypatch.setattr(ex, "compare", lambda ref, got: "image 0: boxes differ by up to 3 px")
     out = tmp_path / "det.pt"
@@ -180,7 +180,7 @@ def test_infer_tool_writes_results_and_drawings(grown_checkpoint, tmp_path, tiny
 
 
 def test_a_checkpoint_trained_on_cuda_loads_where_there_is_none(grown_checkpoint, tmp_path):
-    from incdet.export import Runner
+    from incdet.deploy.export import Runner
 
     ckpt = load_checkpoint(grown_checkpoint)
     ckpt["config"]["train"]["device"] = "cuda"
@@ -204,7 +204,12 @@ def test_state_dict_export_is_what_a_torchvision_user_loads_and_imports(grown_ch
     """--format state_dict: a plain torchvision state dict (data-only load) whose RetinaNet,
     rebuilt from the checkpoint's model settings, detects exactly as the checkpoint; imported
     back with --arch incdet and OUT.json as --classes, it is the same detector again."""
-    from incdet.model.importer import import_detector, load_torchvision, read_classes, slot_classes
+    from incdet.experiment.importer import (
+        import_detector,
+        load_torchvision,
+        read_classes,
+        slot_classes,
+    )
 
     images = sample_images(SIZES)
     out = tmp_path / "det_state.pt"

@@ -6,8 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from incdet.base.errors import UserError
 from incdet.data.coco import load_coco
-from incdet.errors import UserError
 
 VALID = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30},
                     {"id": 2, "file_name": "a.png", "width": 40, "height": 30}],

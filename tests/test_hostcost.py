@@ -1,8 +1,8 @@
 """The host-cost measurement: its parts add up, and what the device would wait for is counted."""
 import pytest
 
-from incdet.config import load_config
-from incdet.hostcost import host_cost
+from incdet.base.config import load_config
+from incdet.bench.hostcost import host_cost
 
 
 def test_parts_add_up_and_the_loop_synchronises_once_per_iteration(tiny_config):

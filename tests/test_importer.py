@@ -8,11 +8,11 @@ import pytest
 import torch
 import torchvision
 
-from incdet.checkpoint import load_checkpoint
-from incdet.config import load_config
-from incdet.errors import UserError
-from incdet.model import importer
-from incdet.step import model_from_checkpoint
+from incdet.base.config import load_config
+from incdet.base.errors import UserError
+from incdet.experiment import importer
+from incdet.experiment.step import model_from_checkpoint
+from incdet.model.checkpoint import load_checkpoint
 
 from conftest import ROOT
 
@@ -134,8 +134,8 @@ memory: {{budget: 0}}
 
 
 def test_later_steps_grow_the_imported_head(tmp_path, tiny_dataset):
-    from incdet import methods
-    from incdet.step import load_experiment, run_step
+    from incdet.experiment import methods
+    from incdet.experiment.step import load_experiment, run_step
 
     _, slots, metrics = _small_imported(tmp_path, tiny_dataset)
     assert metrics["map"]["all"]["AP"] is not None  # evaluated on the config's validation set
@@ -158,7 +158,7 @@ def test_later_steps_grow_the_imported_head(tmp_path, tiny_dataset):
 
 
 def test_branch_after_import_keeps_old_detections_and_ap(tmp_path, tiny_dataset):
-    from incdet.step import run_step
+    from incdet.experiment.step import run_step
 
     _, _, metrics0 = _small_imported(tmp_path, tiny_dataset)
     step1 = tmp_path / "step1.yaml"
@@ -196,7 +196,7 @@ def test_class_lists_that_do_not_fit_are_clear_errors():
 
 
 def test_new_classes_colliding_with_imported_ids_are_refused(tmp_path, tiny_dataset):
-    from incdet.step import load_experiment
+    from incdet.experiment.step import load_experiment
 
     cfg = load_config(None, [f"data.root={tiny_dataset}", "data.synthetic.generate=false",
                              "categories=[{id: 1, name: person}]"])
@@ -253,7 +253,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
 
 
 def test_protocol_runner_starts_every_method_from_the_imported_step(tmp_path, tiny_dataset):
-    from incdet.protocol import method_variants, run_protocol
+    from incdet.experiment.protocol import method_variants, run_protocol
 
     _, slots, metrics0 = _small_imported(tmp_path, tiny_dataset)
     # a config of the data only: the model settings and classes come from --step0

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from incdet.losses import masked_focal_loss
+from incdet.train.losses import masked_focal_loss
 
 
 def _setup():
@@ -58,8 +58,8 @@ def _batch(num_images: int, seed: int):
 def _detection_loss(replay_weight=None):
     from torchvision.models.detection import _utils as det_utils
 
-    from incdet.config import DEFAULTS
-    from incdet.losses import DetectionLoss
+    from incdet.base.config import DEFAULTS
+    from incdet.train.losses import DetectionLoss
 
     return DetectionLoss(DEFAULTS["loss"], det_utils.BoxCoder((1.0, 1.0, 1.0, 1.0)),
                          det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True),
@@ -98,9 +98,9 @@ def test_replay_weight_is_the_memory_share_of_the_batch():
 
     import pytest
 
-    from incdet.config import DEFAULTS
-    from incdet.errors import UserError
-    from incdet.methods import replay_weight
+    from incdet.base.config import DEFAULTS
+    from incdet.base.errors import UserError
+    from incdet.experiment.methods import replay_weight
 
     cfg = copy.deepcopy(DEFAULTS)
     cfg["train"]["batch_size"] = 16
@@ -198,7 +198,7 @@ def test_batched_matching_equals_torchvision_matcher_per_image(thresholds, low_q
                                                                budget, monkeypatch):
     from torchvision.models.detection import _utils as det_utils
 
-    import incdet.losses as losses
+    import incdet.train.losses as losses
 
     if budget is not None:  # one image at a time: the chunked path
         monkeypatch.setattr(losses, "IOU_BUDGET", budget)
@@ -220,7 +220,7 @@ def test_batched_matching_equals_torchvision_matcher_per_image(thresholds, low_q
 
 
 def test_pad_targets_places_every_box_and_marks_the_padding():
-    from incdet.losses import pad_targets
+    from incdet.train.losses import pad_targets
 
     boxes = [torch.tensor([[1., 2., 3., 4.], [5., 6., 7., 8.]]), torch.zeros(0, 4),
              torch.tensor([[9., 10., 11., 12.]])]
@@ -237,7 +237,7 @@ def test_pad_targets_places_every_box_and_marks_the_padding():
 
 
 def test_label_space_mask_is_one_row_per_image():
-    from incdet.losses import label_space_mask
+    from incdet.train.losses import label_space_mask
 
     _, _, targets = _awkward_batch()
     mask = label_space_mask(targets, 5, "cpu")
@@ -251,8 +251,8 @@ def test_label_space_mask_is_one_row_per_image():
 def test_batched_losses_equal_the_per_image_ones(kind, replay_weight):
     from torchvision.models.detection import _utils as det_utils
 
-    from incdet.config import DEFAULTS
-    from incdet.losses import DetectionLoss
+    from incdet.base.config import DEFAULTS
+    from incdet.train.losses import DetectionLoss
 
     matcher = det_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
     box_coder = det_utils.BoxCoder((1.0, 1.0, 1.0, 1.0))
@@ -289,7 +289,7 @@ def test_batched_losses_equal_the_per_image_ones(kind, replay_weight):
 
 @pytest.mark.parametrize("gamma", [2.0, 1.5, 0.0])
 def test_focal_sum_gradient_is_the_derivative_of_its_value(gamma):
-    from incdet.losses import _FocalSum
+    from incdet.train.losses import _FocalSum
 
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(3, 7, 4, generator=g, dtype=torch.float64) * 4).requires_grad_()
@@ -321,7 +321,7 @@ def test_masked_focal_loss_is_torchvisions_focal_loss_times_the_mask(alpha):
 
 
 def test_softplus_is_torchs_softplus_over_the_whole_range():
-    from incdet.losses import _softplus
+    from incdet.train.losses import _softplus
 
     z = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-1e4, 1e4, 0.0])])
     # relative accuracy also where the value is tiny (a plain log(1 + e) gives 0 below -16.6)
@@ -342,7 +342,7 @@ def test_focal_loss_of_bfloat16_logits_is_computed_in_float32():
 def test_box_decoding_and_encoding_are_torchvisions_to_the_bit():
     from torchvision.models.detection import _utils as det_utils
 
-    from incdet.losses import decode_boxes, encode_boxes
+    from incdet.train.losses import decode_boxes, encode_boxes
 
     g = torch.Generator().manual_seed(5)
     xy = torch.rand(50, 2, generator=g) * 100

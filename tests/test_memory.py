@@ -6,9 +6,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from incdet.base.errors import UserError
 from incdet.data.records import ImageRecord
-from incdet.errors import UserError
-from incdet.memory import Memory, build_memory, closest_rank, herding_rank, quotas, select_images
+from incdet.train.memory import (
+    Memory,
+    build_memory,
+    closest_rank,
+    herding_rank,
+    quotas,
+    select_images,
+)
 
 
 def brute_force_herding(x: np.ndarray, limit: int) -> list[int]:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from incdet.classes import ClassSpace
-from incdet.config import load_config
+from incdet.base.config import load_config
+from incdet.data.classes import ClassSpace
 from incdet.data.synthetic import CATEGORIES as SHAPES
 from incdet.data.voc import VOC_CATEGORIES
 
@@ -43,7 +43,7 @@ def test_preset_resolves(path: Path):
 def test_long_protocols_share_one_equal_compute_joint(name):
     """Their budgets scale with the classes a step adds, so the equal-compute joint of both
     is the same 2900 iterations on all 10 classes (the 2-step benchmark's 2 x 1450)."""
-    from incdet.methods import incremental_iterations, training_budget
+    from incdet.experiment.methods import incremental_iterations, training_budget
 
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     classes = ClassSpace(SHAPES, cfg["split"], cfg["class_order"])

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from incdet.config import load_config
-from incdet.errors import UserError
-from incdet.protocol import method_variants, run_protocol
+from incdet.base.config import load_config
+from incdet.base.errors import UserError
+from incdet.experiment.protocol import method_variants, run_protocol
 
 
 def test_protocol_shares_step_0_and_skips_completed_steps(tiny_config, tmp_path):
@@ -76,7 +76,7 @@ def test_run_protocol_tool_writes_report_plots_and_shares_step_0(tiny_config, tm
 
 
 def test_report_of_a_three_step_protocol_gives_each_steps_course(tiny_config, tmp_path):
-    from incdet.report import write_report
+    from incdet.experiment.report import write_report
 
     cfg = load_config(tiny_config, ["train.max_iters=1", "memory.budget=0"])  # "4+3+3"
     res = run_protocol(cfg, tmp_path, method_variants(["finetune"]), progress=False)
@@ -94,9 +94,9 @@ def test_report_of_a_three_step_protocol_gives_each_steps_course(tiny_config, tm
 def test_joint_reference_is_used_only_when_trained_the_same_way(tmp_path):
     import pytest
 
-    from incdet.benchmarks import read_joint_reference, with_joint_reference
-    from incdet.config import dump_config
-    from incdet.errors import UserError
+    from incdet.base.config import dump_config
+    from incdet.base.errors import UserError
+    from incdet.bench.sections import read_joint_reference, with_joint_reference
 
     cfg = load_config(None, ["split=2+2", "train.max_iters=40"])
     ref = tmp_path / "joint" / "step_0"
@@ -141,9 +141,9 @@ def test_joint_reference_is_used_only_when_trained_the_same_way(tmp_path):
 def test_joint_budget_rule(tiny_config):
     import pytest
 
-    from incdet.errors import UserError
-    from incdet.methods import training_budget
-    from incdet.step import load_experiment
+    from incdet.base.errors import UserError
+    from incdet.experiment.methods import training_budget
+    from incdet.experiment.step import load_experiment
 
     cfg = load_config(tiny_config, ["incremental.method=joint", "train.max_iters=10"])
     _, _, classes = load_experiment(cfg, progress=False)
@@ -163,9 +163,9 @@ def test_iters_per_class_budget(tiny_config):
     trains the sum, which is iters_per_class times every seen class."""
     import pytest
 
-    from incdet.errors import UserError
-    from incdet.methods import incremental_iterations, training_budget
-    from incdet.step import load_experiment
+    from incdet.base.errors import UserError
+    from incdet.experiment.methods import incremental_iterations, training_budget
+    from incdet.experiment.step import load_experiment
 
     cfg = load_config(tiny_config, ["train.iters_per_class=5"])  # overrides max_iters: 3
     _, _, classes = load_experiment(cfg, progress=False)
@@ -206,7 +206,7 @@ def test_benchmark_keeps_sections_written_meanwhile(tmp_path, monkeypatch, capsy
 
     import pytest
 
-    from incdet import benchmarks
+    from incdet.bench import sections
 
     from conftest import ROOT
 
@@ -233,8 +233,8 @@ def test_benchmark_keeps_sections_written_meanwhile(tmp_path, monkeypatch, capsy
 
 
 def test_steps_table_gives_ap_after_each_step_and_forgetting_per_group():
-    from incdet.benchmarks import markdown, over_seeds
-    from incdet.report import steps_table
+    from incdet.bench.sections import markdown, over_seeds
+    from incdet.experiment.report import steps_table
 
     def steps(aps, forgetting, new=(None, None, None)):  # a benchmark's condensed steps
         return [{"step": t, "map": {"all": ap, "new": n}, "new_classes": (2, 1, 1)[t],
@@ -274,7 +274,7 @@ def test_steps_table_gives_ap_after_each_step_and_forgetting_per_group():
 
 
 def test_seeds_are_summarised_with_mean_and_spread():
-    from incdet.benchmarks import markdown, over_seeds, spread_text
+    from incdet.bench.sections import markdown, over_seeds, spread_text
 
     runs = {0: {"final_ap": {"incdet": 0.50, "joint": 0.60}, "step0_retention": {"incdet": 0.9},
                 "ratio_to_joint": {"incdet": 0.50 / 0.60, "joint": 1.0}},
@@ -297,8 +297,8 @@ def test_seeds_are_summarised_with_mean_and_spread():
 def test_a_step_can_record_its_ap_curve(tiny_config, tmp_path):
     import pytest
 
-    from incdet.errors import UserError
-    from incdet.step import run_step
+    from incdet.base.errors import UserError
+    from incdet.experiment.step import run_step
 
     cfg = load_config(tiny_config, ["train.max_iters=4", "train.checkpoint_every=2",
                                     "eval.every_iters=2", "split=10"])
@@ -318,7 +318,7 @@ def test_a_step_can_record_its_ap_curve(tiny_config, tmp_path):
 
 
 def test_table_shows_no_training_time_for_an_imported_step_0():
-    from incdet.report import table
+    from incdet.experiment.report import table
 
     def step(t, seconds, iterations, ips):
         return {"step": t, "map": {g: {"AP": 0.5, "AP50": 0.6, "AP75": 0.4}
@@ -336,8 +336,8 @@ def test_table_shows_no_training_time_for_an_imported_step_0():
 def test_model_cost_times_every_variant_side_by_side(tiny_config):
     """The gpu section's measurement, run on CPU: every variant in each precision, medians,
     images/s and the speed-up over torchvision's v2, consistent with each other."""
-    from incdet.benchmarks import model_cost
-    from incdet.config import load_config
+    from incdet.base.config import load_config
+    from incdet.bench.sections import model_cost
 
     r = model_cost(load_config(tiny_config), "cpu", ("fp32",), iters=1, batch_size=2)
     names = {"incdet_step0", "incdet_step1", "branch", "tv_v1", "tv_v2"}
@@ -357,7 +357,7 @@ def test_model_cost_times_every_variant_side_by_side(tiny_config):
 
 
 def test_training_throughput_runs_the_loop_on_the_given_device(tiny_config):
-    from incdet.benchmarks import training_throughput
+    from incdet.bench.sections import training_throughput
 
     r = training_throughput(load_config(tiny_config), iters=2, device="cpu")
     assert r["device"] == "cpu" and r["batch_size"] == 4 and r["iters"] == 2

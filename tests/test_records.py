@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from incdet.base.errors import UserError
 from incdet.data.coco import load_coco
 from incdet.data.records import ImageRecord, clean_boxes, filter_for_classes, to_coco_dict
-from incdet.errors import UserError
 
 from conftest import write_coco
 

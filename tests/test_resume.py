@@ -6,9 +6,9 @@ import subprocess
 import sys
 import time
 
-from incdet.checkpoint import load_checkpoint
-from incdet.config import load_config
-from incdet.step import run_step
+from incdet.base.config import load_config
+from incdet.experiment.step import run_step
+from incdet.model.checkpoint import load_checkpoint
 
 from conftest import ROOT
 

@@ -6,10 +6,10 @@ import platform
 import pytest
 import torch
 
-from incdet.checkpoint import load_checkpoint, save_checkpoint
-from incdet.config import load_config
-from incdet.errors import UserError
-from incdet.step import evaluate_checkpoint, run_step
+from incdet.base.config import load_config
+from incdet.base.errors import UserError
+from incdet.experiment.step import evaluate_checkpoint, run_step
+from incdet.model.checkpoint import load_checkpoint, save_checkpoint
 
 from conftest import ROOT
 
@@ -42,7 +42,7 @@ def test_metrics_record_the_device_precision_and_peak_memory(tiny_config, tmp_pa
     assert train["device_name"] == (platform.processor() or "cpu")
     assert train["precision"] == "fp32" and train["peak_gpu_memory_gib"] is None
     assert train["keep_freed_memory"] is False  # the allocator setting: off by default
-    from incdet.engine import device_record
+    from incdet.train.engine import device_record
 
     assert device_record("cpu", dict(cfg["train"], amp="bf16"))["precision"] == "bf16"
 

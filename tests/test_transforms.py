@@ -2,7 +2,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from incdet.config import DEFAULTS
+from incdet.base.config import DEFAULTS
 from incdet.data.transforms import apply_transform, build_train_transform
 
 AUG = dict(DEFAULTS["augment"], hflip=0.5, scale_p=1.0, crop_p=0.5, brightness_contrast_p=1.0)

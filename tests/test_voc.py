@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from incdet.base.errors import UserError
 from incdet.data.voc import VOC_CLASSES, load_voc
-from incdet.errors import UserError
 
 XML = """<annotation><filename>{name}.jpg</filename>
 <size><width>100</width><height>80</height><depth>3</depth></size>

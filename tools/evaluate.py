@@ -1,7 +1,7 @@
 """The checkout's entry to incdet/tools/evaluate.py (run it with --help).
 
 Installed, the same tool is ``incdet-evaluate`` or ``python -m incdet.tools.evaluate``."""
-from incdet.cli import main_guard
+from incdet.tools.cli import main_guard
 from incdet.tools.evaluate import main
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Installed, the same tool is ``incdet-import-detector`` or
 ``python -m incdet.tools.import_detector``."""
-from incdet.cli import main_guard
+from incdet.tools.cli import main_guard
 from incdet.tools.import_detector import main
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Configuration: defaults in one place, YAML files with one level of ``_base_``, dotted overrides.
 
 A config file only needs the keys it changes. Every key must exist in :data:`DEFAULTS`; an unknown
-(for example misspelled) key is a :class:`~incdet.errors.UserError` that names the key and the file.
+(for example misspelled) key is a :class:`~incdet.base.errors.UserError` that names the key and the file.
 ``--set a.b=value`` overrides are parsed as YAML scalars (``5``, ``0.1``, ``null``, ``[1, 2]``).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from incdet.errors import UserError
+from incdet.base.errors import UserError
 
 # Default values for every key. A value that is a dict here is a section: the user's value for it
 # must be a dict too, and its keys are checked. Anything else is a leaf and may take any YAML value.
@@ -267,7 +267,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 def dump_config(cfg: dict, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomic)."""
-    from incdet.io import atomic_write_text
+    from incdet.base.io import atomic_write_text
 
     clean = {k: v for k, v in cfg.items() if not k.startswith("_")}
     atomic_write_text(path, yaml.safe_dump(clean, sort_keys=False))
@@ -333,11 +333,11 @@ def _source_comments() -> dict[str, str]:
 
 def reference_markdown() -> str:
     """``docs/configuration.md``: every key with its default and comment, from :data:`DEFAULTS`
-    and this file's comments (``python -m incdet.config > docs/configuration.md``)."""
+    and this file's comments (``python -m incdet.base.config > docs/configuration.md``)."""
     comments = _source_comments()
     out = ["# Configuration reference", "",
-           "Every key, its default and what it does, generated from `incdet/config.py` by "
-           "`python -m incdet.config > docs/configuration.md` (a test checks that this file is "
+           "Every key, its default and what it does, generated from `incdet/base/config.py` by "
+           "`python -m incdet.base.config > docs/configuration.md` (a test checks that this file is "
            "current). A config file only gives the keys it changes; `_base_: FILE` inherits one "
            "file; `--set key.sub=value` overrides any key from the command line (values are "
            "YAML); an unknown key is an error naming the key and the file.", ""]

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from incdet import methods
-from incdet.config import differing_keys, load_config
+from incdet.base.config import differing_keys, load_config
+from incdet.base.errors import UserError
 from incdet.data.records import filter_for_classes
-from incdet.engine import batch_to, build_optimizer, seed_everything
-from incdet.errors import UserError
-from incdet.protocol import run_protocol, share_step0
-from incdet.report import steps_table
-from incdet.step import load_experiment, new_class_batch
+from incdet.experiment import methods
+from incdet.experiment.protocol import run_protocol, share_step0
+from incdet.experiment.report import steps_table
+from incdet.experiment.step import load_experiment, new_class_batch
+from incdet.train.engine import batch_to, build_optimizer, seed_everything
 
 
 def accuracy(cfg: dict, work_dir: Path, variants: dict[str, list[str]], progress: bool) -> dict:
@@ -180,8 +180,8 @@ def training_throughput(cfg: dict, iters: int = 30, progress: bool = False,
                         device: str | torch.device = "cpu") -> dict:
     """Images/s of the step-0 training loop (data loading included) over ``iters`` iterations,
     on ``device`` (with ``train.amp`` and ``train.channels_last`` as the config sets them)."""
-    from incdet.engine import autocast_dtype, resolve_device
-    from incdet.step import train_loader
+    from incdet.experiment.step import train_loader
+    from incdet.train.engine import autocast_dtype, resolve_device
 
     device = resolve_device(device, "device")
     seed_everything(0)
@@ -223,7 +223,7 @@ def herding_time(num_images: list[int], classes: int = 10, dim: int = 64, quota:
                  boxes_per_image: float = 2.5, seed: int = 0, repeats: int = 3) -> dict:
     """Seconds to rank every class by herding (up to ``quota`` each) for several dataset sizes,
     on random L2-normalised (image, class) features of ``dim`` channels (the FPN width)."""
-    from incdet.memory import rank_classes
+    from incdet.train.memory import rank_classes
 
     rng = torch.Generator().manual_seed(seed)
     out = {}
@@ -322,17 +322,17 @@ def inference_speed(ckpt_path: str | Path, num_images: int = 64, repeats: int = 
                     export_dir: str | Path | None = None) -> dict:
     """Images/s of a grown model at inference, one image per call, on validation-like images:
     the model as trained (one classifier conv per step), the same model fused into torchvision's
-    head (what :func:`incdet.export.load_detector` returns), and a plain torchvision RetinaNet
+    head (what :func:`incdet.deploy.export.load_detector` returns), and a plain torchvision RetinaNet
     with the same total number of classes and the same weights. With ``export_dir``, also the
     TorchScript and onnxruntime exports. Rounds alternate between the variants and the best
     round counts, so that machine noise hits them alike."""
-    from incdet.checkpoint import load_checkpoint
-    from incdet.config import with_defaults
+    from incdet.base.config import with_defaults
     from incdet.data import synthetic
     from incdet.data.dataset import to_tensor
-    from incdet.export import export, onnx_session, quiet_warnings, to_torchvision
+    from incdet.deploy.export import export, onnx_session, quiet_warnings, to_torchvision
+    from incdet.experiment.step import model_from_checkpoint
     from incdet.model.builder import build_model
-    from incdet.step import model_from_checkpoint
+    from incdet.model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
     mcfg = with_defaults(ckpt["config"])["model"]
@@ -385,20 +385,20 @@ def pretrained(cfg: dict, work_dir: str | Path, variants: dict[str, list[str]],
 
     1. Train a step-0 model on the split's first classes (``cfg``, e.g. shapes_2step: 5 + 5).
     2. Save what a plain torchvision user would have: the weights in a RetinaNet built from
-       torchvision's own head classes (:func:`incdet.export.to_torchvision`), as a state dict.
+       torchvision's own head classes (:func:`incdet.deploy.export.to_torchvision`), as a state dict.
     3. Rebuild that torchvision model, load the state dict and import it
-       (:func:`incdet.model.importer.import_detector`), evaluated on the validation set.
+       (:func:`incdet.experiment.importer.import_detector`), evaluated on the validation set.
     4. Train step 1 from the import for each variant (e.g. ``branch``, ``incdet``, ``finetune``)
        with only the new classes' images and no memory (the old data is gone).
 
     Returns old / new / all AP per variant, old-class retention against the imported model, the
     step's seconds, and the iteration cost of ``branch`` and ``incdet`` on one batch."""
-    from incdet.checkpoint import load_checkpoint
-    from incdet.config import apply_overrides
-    from incdet.export import to_torchvision
+    from incdet.base.config import apply_overrides
+    from incdet.deploy.export import to_torchvision
+    from incdet.experiment.importer import import_detector
+    from incdet.experiment.step import model_from_checkpoint, run_step
     from incdet.model.builder import build_model
-    from incdet.model.importer import import_detector
-    from incdet.step import model_from_checkpoint, run_step
+    from incdet.model.checkpoint import load_checkpoint
 
     work_dir = Path(work_dir)
     base = copy.deepcopy(cfg)
@@ -496,9 +496,9 @@ def model_cost(cfg: dict, device: str | torch.device = "auto", precisions=("fp32
     median seconds per variant and precision, the images/s, and ``speedup_over_tv_v2``
     (torchvision v2's seconds / the variant's, > 1: faster than torchvision), plus the peak
     GPU memory of the whole measurement on CUDA."""
-    from incdet.engine import resolve_device
+    from incdet.experiment.importer import build_torchvision
     from incdet.model.builder import keep_frozen_norms
-    from incdet.model.importer import build_torchvision
+    from incdet.train.engine import resolve_device
 
     bad = [p for p in precisions if p not in ("fp32", "bf16")]
     if bad:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from incdet.errors import UserError
+from incdet.base.errors import UserError
 
 _SPLIT_RE = re.compile(r"^\s*\d+(\s*x\s*\d+)?(\s*\+\s*\d+(\s*x\s*\d+)?)*\s*$")
 

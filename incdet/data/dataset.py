@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from incdet.base.errors import UserError
 from incdet.data.records import ImageRecord
 from incdet.data.transforms import apply_transform
-from incdet.errors import UserError
 
 
 def read_image(path: str) -> np.ndarray:

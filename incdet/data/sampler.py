@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from incdet.errors import check_choice
+from incdet.base.errors import check_choice
 
 REPLAY_MODES = ("share", "add")
 

@@ -6,11 +6,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from incdet.base.errors import UserError, check_choice
 from incdet.data import synthetic
 from incdet.data.coco import load_coco
 from incdet.data.records import ImageRecord
 from incdet.data.voc import load_voc
-from incdet.errors import UserError, check_choice
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from incdet.io import atomic_write_json
+from incdet.base.io import atomic_write_json
 
 CATEGORIES = [
     {"id": 1, "name": "circle"},

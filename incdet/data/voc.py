@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from incdet.base.errors import UserError
 from incdet.data.records import CleanReport, ImageRecord, clean_boxes
-from incdet.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ from torchvision.models.detection.retinanet import (
     RetinaNetRegressionHead,
 )
 
-from incdet.errors import UserError
-from incdet.io import atomic_write_json
+from incdet.base.errors import UserError
+from incdet.base.io import atomic_write_json
 
 # state_dict: the weights of the torchvision RetinaNet (torch.save(model.state_dict())), for a
 # plain torchvision user or for tools/import_detector.py --arch incdet
@@ -190,9 +190,9 @@ def load_detector(path: str | os.PathLike,
     ready for ``model([image])``, on ``device`` (``auto``: CUDA when available, else CPU).
     ``model.incdet_meta`` holds ``category_ids`` and ``names`` in label order (label ``i`` is
     category ``category_ids[i]``), the step history and the score threshold."""
-    from incdet.checkpoint import load_checkpoint
-    from incdet.engine import resolve_device
-    from incdet.step import model_from_checkpoint
+    from incdet.experiment.step import model_from_checkpoint
+    from incdet.model.checkpoint import load_checkpoint
+    from incdet.train.engine import resolve_device
 
     device = resolve_device(device, "device")
     ckpt = load_checkpoint(path)
@@ -212,7 +212,7 @@ class Detector:
 
     def __init__(self, path: str | os.PathLike | None = None, model: RetinaNet | None = None,
                  device: str | torch.device | None = "auto", score_thresh: float | None = None):
-        from incdet.engine import resolve_device
+        from incdet.train.engine import resolve_device
 
         if model is None:
             if path is None:
@@ -322,7 +322,7 @@ def export(ckpt_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
     The file holds CPU weights (it loads on any machine). ``device`` (``auto``: CUDA when
     available, else CPU) is where a TorchScript file is checked against the eager model; an
     ONNX file is checked with onnxruntime's CPU provider, on CPU."""
-    from incdet.engine import resolve_device
+    from incdet.train.engine import resolve_device
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -370,10 +370,10 @@ def _save_state_dict(model: RetinaNet, path: Path, images: Sequence[torch.Tensor
     loaded data-only. Returns that model's outputs on ``images``, to check against the eager
     model (a detector whose post-processing is not torchvision's, per-step caps or ``branch``
     towers, does not fit and is refused)."""
-    from incdet.model.importer import INCDET_ARCH, load_torchvision
+    from incdet.experiment.importer import INCDET_ARCH, load_torchvision
 
     torch.save(model.state_dict(), path)
-    from incdet.config import with_defaults
+    from incdet.base.config import with_defaults
 
     model_cfg = dict(with_defaults(model.incdet_config)["model"])
     try:
@@ -430,7 +430,7 @@ class Runner:
     def __init__(self, checkpoint: str | os.PathLike | None = None,
                  model: str | os.PathLike | None = None,
                  device: str | torch.device | None = "auto"):
-        from incdet.engine import resolve_device
+        from incdet.train.engine import resolve_device
 
         if (checkpoint is None) == (model is None):
             raise UserError("give exactly one of --checkpoint and --model")

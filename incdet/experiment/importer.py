@@ -40,7 +40,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from incdet.errors import UserError, check_choice
+from incdet.base.errors import UserError, check_choice
 from incdet.model.builder import cached_weights_file, load_state_dict_file
 from incdet.model.heads import group_norm
 
@@ -117,7 +117,7 @@ def _backbone_settings(backbone: nn.Module) -> dict:
             raise _not_expressible(f"its FPN reads {sorted(returned)}, not layer2-layer4")
         settings = {"backbone": name}
     else:
-        from incdet.config import DEFAULTS
+        from incdet.base.config import DEFAULTS
         from incdet.model.builder import build_backbone
 
         ref = None
@@ -343,12 +343,12 @@ def load_torchvision(path: str | Path, arch: str, source: str,
     """A stock-layout RetinaNet of ``arch`` with the state dict in ``path`` (data-only).
 
     ``arch="incdet"``: the torchvision RetinaNet that incdet's ``model_cfg`` describes, in the
-    layout :func:`incdet.export.to_torchvision` gives it (what ``tools/export.py --format
+    layout :func:`incdet.deploy.export.to_torchvision` gives it (what ``tools/export.py --format
     state_dict`` saves)."""
     state = load_state_dict_file(Path(path), source)
     anchors, slots = _num_anchors_and_slots(state, source)
     if arch == INCDET_ARCH:
-        from incdet.export import to_torchvision
+        from incdet.deploy.export import to_torchvision
         from incdet.model.builder import build_model
 
         model = to_torchvision(build_model(dict(model_cfg or {}, weights=None), [slots]))
@@ -407,11 +407,11 @@ def import_detector(model: RetinaNet, slots: Sequence[dict | None], cfg: dict,
     classes). Nothing is written when anything fails."""
     import copy
 
-    from incdet.checkpoint import save_checkpoint
-    from incdet.config import DEFAULTS, apply_overrides, dump_config, strip_private
-    from incdet.evaluation import evaluate_model, format_table
-    from incdet.io import atomic_write_json
-    from incdet.methods import model_of
+    from incdet.base.config import DEFAULTS, apply_overrides, dump_config, strip_private
+    from incdet.base.io import atomic_write_json
+    from incdet.evaluation.coco_eval import evaluate_model, format_table
+    from incdet.experiment.methods import model_of
+    from incdet.model.checkpoint import save_checkpoint
 
     step_dir = Path(work_dir) / "step_0"
     if (step_dir / "metrics.json").is_file() and not force:
@@ -432,8 +432,8 @@ def import_detector(model: RetinaNet, slots: Sequence[dict | None], cfg: dict,
     incdet_model = model_of(cfg, ckpt, source).eval()  # checks that the weights fit
     groups = {"old": (), "new": tuple(ids), "all": tuple(ids), "step_0": tuple(ids)}
     if evaluate:
-        from incdet.engine import resolve_device
-        from incdet.step import load_experiment
+        from incdet.experiment.step import load_experiment
+        from incdet.train.engine import resolve_device
 
         _, val_set, classes = load_experiment(cfg, progress)
         device = resolve_device(cfg["train"]["device"])
@@ -442,7 +442,7 @@ def import_detector(model: RetinaNet, slots: Sequence[dict | None], cfg: dict,
                                     int(cfg["eval"]["batch_size"]), device, progress=progress)
         log.info("imported step 0 evaluation:\n%s", format_table(evaluation, classes.names))
     else:
-        from incdet.evaluation import METRIC_KEYS
+        from incdet.evaluation.coco_eval import METRIC_KEYS
 
         evaluation = {"groups": {k: {m: None for m in METRIC_KEYS} for k in groups},
                       "per_class_ap": {str(c): None for c in ids}}

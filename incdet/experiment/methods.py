@@ -2,7 +2,7 @@
 
 * ``incdet``: the student is the previous model with its head grown by the new classes; the
   focal loss is masked to each image's label space (the new classes) and a frozen teacher (the
-  previous model) distils old-class logits and box deltas (:mod:`incdet.distill`).
+  previous model) distils old-class logits and box deltas (:mod:`incdet.train.distill`).
 * ``finetune``: the same grown student, plain focal loss over every seen class (unlabelled old
   objects become background), no teacher: the lower bound.
 * ``joint``: a fresh model trained on every seen class's annotations: the upper bound. At step
@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from incdet import distributed as dist
-from incdet.checkpoint import load_model_state
-from incdet.classes import ClassSpace, StepClasses
+from incdet.base import distributed as dist
+from incdet.base.errors import UserError, check_choice
+from incdet.data.classes import ClassSpace, StepClasses
 from incdet.data.sampler import replay_counts
-from incdet.errors import UserError, check_choice
 from incdet.model.builder import build_model, caps_per_step, freeze_all_but, grow_model
+from incdet.model.checkpoint import load_model_state
 
 METHODS = ("incdet", "finetune", "joint", "branch")
 
@@ -164,8 +164,8 @@ def replay_weight(cfg: dict) -> float | None:
 def make_criterion(cfg: dict, student, teacher, plan: Plan, classes: ClassSpace,
                    sc: StepClasses, distill_new: bool = False):
     """``loss_fn(images, targets) -> {"loss_*": Tensor}`` for the step's method."""
-    from incdet.losses import DetectionLoss
     from incdet.model.builder import forward_train
+    from incdet.train.losses import DetectionLoss
 
     detection = DetectionLoss(cfg["loss"], student.box_coder, student.proposal_matcher,
                               replay_weight(cfg) if plan.uses_memory and sc.step > 0 else None)
@@ -174,7 +174,7 @@ def make_criterion(cfg: dict, student, teacher, plan: Plan, classes: ClassSpace,
             head_outputs, anchors, targets_t, _ = forward_train(student, images, targets)
             return detection(head_outputs, anchors, targets_t)
         return loss_fn
-    from incdet.distill import DistillationCriterion
+    from incdet.train.distill import DistillationCriterion
 
     return DistillationCriterion(cfg, student, teacher, detection, classes, sc,
                                  include_new=distill_new)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from incdet.config import apply_overrides
-from incdet.errors import UserError
-from incdet.methods import memory_enabled
-from incdet.step import load_experiment, run_step, write_memory
+from incdet.base.config import apply_overrides
+from incdet.base.errors import UserError
+from incdet.experiment.methods import memory_enabled
+from incdet.experiment.step import load_experiment, run_step, write_memory
 
 # Settings that do not change how step 0 is trained (only later steps, or what is saved after).
 _STEP0_NEUTRAL = ("incremental", "memory")
@@ -45,7 +45,7 @@ def _step0_key(cfg: dict) -> str:
 def with_step0(cfg: dict, step0: str | Path) -> dict:
     """``cfg`` with the ``model`` settings and ``categories`` of a finished step-0 folder (an
     imported detector's, for example), which later steps must match."""
-    from incdet.config import load_config
+    from incdet.base.config import load_config
 
     step0 = Path(step0)
     if not (step0 / "metrics.json").is_file() or step0.name != "step_0":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from incdet.io import atomic_write_json, atomic_write_text
+from incdet.base.io import atomic_write_json, atomic_write_text
 
 
 def _fmt(v, spec: str = ".3f") -> str:
@@ -215,9 +215,9 @@ def plot_detections(work_dir: Path, methods: list[str], records, path: Path,
     import torch
     from matplotlib.patches import Rectangle
 
-    from incdet.checkpoint import load_checkpoint
     from incdet.data.dataset import read_image, to_tensor
-    from incdet.step import model_from_checkpoint
+    from incdet.experiment.step import model_from_checkpoint
+    from incdet.model.checkpoint import load_checkpoint
 
     images = [read_image(r.path) for r in records]
     fig, axes = plt.subplots(len(images), len(methods), squeeze=False,

@@ -18,17 +18,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from incdet import distributed as dist
-from incdet import methods
-from incdet.checkpoint import check_compatible, load_checkpoint, load_model_state, save_checkpoint
-from incdet.classes import ClassSpace, merge_categories
-from incdet.config import apply_overrides, dump_config, strip_private, with_defaults
+from incdet.base import distributed as dist
+from incdet.base.config import apply_overrides, dump_config, strip_private, with_defaults
+from incdet.base.errors import UserError
+from incdet.base.io import atomic_write_json
+from incdet.data.classes import ClassSpace, merge_categories
 from incdet.data.dataset import DetectionDataset, collate, make_loader
 from incdet.data.records import filter_for_classes
 from incdet.data.sampler import MixedBatchSampler, check_replay_mode
 from incdet.data.sources import ensure_builtin, load_subset
 from incdet.data.transforms import build_train_transform
-from incdet.engine import (
+from incdet.evaluation.coco_eval import evaluate_model, format_table
+from incdet.experiment import methods
+from incdet.model.builder import head_layout, head_towers, keep_frozen_norms
+from incdet.model.checkpoint import (
+    check_compatible,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+)
+from incdet.train.engine import (
     apply_keep_freed_memory,
     build_optimizer,
     build_scheduler,
@@ -39,11 +48,7 @@ from incdet.engine import (
     seed_everything,
     train,
 )
-from incdet.errors import UserError
-from incdet.evaluation import evaluate_model, format_table
-from incdet.io import atomic_write_json
-from incdet.memory import Memory, build_memory, rank_classes, roi_features
-from incdet.model.builder import head_layout, head_towers, keep_frozen_norms
+from incdet.train.memory import Memory, build_memory, rank_classes, roi_features
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +136,9 @@ def _shuffle_generator(loader) -> torch.Generator:
 def select_memory(cfg: dict, model, records, previous: Memory | None, sc, device,
                   progress: bool) -> Memory:
     """Herd the step's training images per new class and update the memory (module
-    :mod:`incdet.memory` documents the rules)."""
+    :mod:`incdet.train.memory` documents the rules)."""
     mcfg = cfg["memory"]
-    from incdet.memory import quotas
+    from incdet.train.memory import quotas
 
     quota = quotas(list(sc.seen), mcfg.get("budget"), mcfg.get("per_class"))
     limit = max(quota[c] for c in sc.new)

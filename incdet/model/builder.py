@@ -8,7 +8,7 @@ cache (nothing is downloaded), or a path to a backbone ``state_dict`` file.
 
 The same settings express torchvision's own RetinaNets (``retinanet_resnet50_fpn``: P6 from P5,
 head without norm; ``_v2``: P6 from C5, GroupNorm head; anchor sizes given per level as lists),
-so that a trained torchvision detector can be imported as step 0 (:mod:`incdet.model.importer`).
+so that a trained torchvision detector can be imported as step 0 (:mod:`incdet.experiment.importer`).
 With ``model.caps_per_step`` the model is an :class:`IncrementalRetinaNet`, whose
 ``topk_candidates`` and ``detections_per_img`` apply to each step's classes separately.
 """
@@ -34,8 +34,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from incdet.devices import host_to_device
-from incdet.errors import UserError, check_choice
+from incdet.base.devices import host_to_device
+from incdet.base.errors import UserError, check_choice
 from incdet.model.heads import IncrementalHead, norm_layer_for
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from incdet.errors import UserError
-from incdet.io import atomic_torch_save
+from incdet.base.errors import UserError
+from incdet.base.io import atomic_torch_save
 
 FORMAT = "incdet"
 VERSION = 1
@@ -57,7 +57,7 @@ def load_model_state(model, ckpt: dict, model_cfg: dict, source: str | os.PathLi
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        from incdet.config import differing_keys, with_defaults
+        from incdet.base.config import differing_keys, with_defaults
 
         saved = with_defaults(ckpt.get("config") or {}).get("model", {})
         diff = [f"model.{k}: {_yaml(model_cfg.get(k))} here, {_yaml(saved.get(k))} in the "

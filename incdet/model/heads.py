@@ -141,7 +141,7 @@ class RegressionHead(nn.Module):
 
 class IncrementalHead(nn.Module):
     """Drop-in for ``RetinaNetHead``: returns ``{"cls_logits": (N, HWA, K),
-    "bbox_regression": (N, HWA, 4)}``. Losses live in :mod:`incdet.losses`, not here."""
+    "bbox_regression": (N, HWA, 4)}``. Losses live in :mod:`incdet.train.losses`, not here."""
 
     def __init__(self, in_channels: int, num_anchors: int, classes_per_step: Sequence[int],
                  num_convs: int = 4, norm: str = "groupnorm", prior_probability: float = 0.01,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from incdet.cli import main_guard
+from incdet.tools.cli import main_guard
 
 # the tools installed as console scripts ``incdet-<name with dashes>`` (setup.cfg lists them)
 CONSOLE = ("train_step", "run_protocol", "evaluate", "infer", "export", "import_detector",

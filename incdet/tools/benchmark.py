@@ -13,7 +13,7 @@ import json
 import platform
 import time
 
-from incdet.cli import main_guard, setup_logging
+from incdet.tools.cli import main_guard, setup_logging
 
 SECTIONS = ("throughput", "cost", "herding", "2step", "4step", "6step", "inference",
             "pretrained", "gpu")
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     setup_logging()
     args.out = args.out or ("runs/benchmark_quick" if args.quick else "runs/benchmark")
     if args.markdown:
-        from incdet.benchmarks import markdown
+        from incdet.bench.sections import markdown
 
         with open(f"{args.out}/benchmark.json") as f:
             print(markdown(json.load(f)))
@@ -84,11 +84,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from incdet import benchmarks
-    from incdet.config import load_config
-    from incdet.io import atomic_write_json
-    from incdet.methods import incremental_iterations
-    from incdet.step import load_experiment
+    from incdet.base.config import load_config
+    from incdet.base.io import atomic_write_json
+    from incdet.bench import sections
+    from incdet.experiment.methods import incremental_iterations
+    from incdet.experiment.step import load_experiment
 
     def total_iterations(cfg: dict) -> int:
         """The incremental run's steps together: the equal-compute joint's budget."""
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         elif section == "inference":
             from pathlib import Path
 
-            from incdet.protocol import run_protocol
+            from incdet.experiment.protocol import run_protocol
 
             two = Path(args.out) / f"shapes_2step_{iters}"
             ckpt = two / "incdet" / "step_1" / "checkpoint.pt"

@@ -5,9 +5,9 @@ import logging
 import sys
 from typing import Callable
 
-from incdet.errors import UserError
+from incdet.base.errors import UserError
 
-_PREFIX = "incdet.errors.UserError: "
+_PREFIX = "incdet.base.errors.UserError: "
 
 
 def setup_logging(level: int = logging.INFO) -> None:

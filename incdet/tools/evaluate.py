@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from incdet.cli import main_guard, setup_logging
+from incdet.tools.cli import main_guard, setup_logging
 
 
 def main(argv=None) -> int:
@@ -26,11 +26,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from incdet.config import load_config
-    from incdet.engine import resolve_device
-    from incdet.evaluation import format_table
-    from incdet.io import atomic_write_json
-    from incdet.step import evaluate_checkpoint
+    from incdet.base.config import load_config
+    from incdet.base.io import atomic_write_json
+    from incdet.evaluation.coco_eval import format_table
+    from incdet.experiment.step import evaluate_checkpoint
+    from incdet.train.engine import resolve_device
 
     device = resolve_device(args.device, "--device")
     # --set changes --config, or else the config saved in the checkpoint

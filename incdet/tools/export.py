@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 
-from incdet.cli import main_guard, setup_logging
+from incdet.tools.cli import main_guard, setup_logging
 
 
 def main(argv=None) -> int:
-    from incdet.export import FORMATS
+    from incdet.deploy.export import FORMATS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="step_<t>/checkpoint.pt")
@@ -33,9 +33,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from incdet.engine import resolve_device
-    from incdet.errors import UserError
-    from incdet.export import export
+    from incdet.base.errors import UserError
+    from incdet.deploy.export import export
+    from incdet.train.engine import resolve_device
 
     if args.opset < 17:
         raise UserError(f"--opset {args.opset}: use 17 or later")

@@ -3,13 +3,13 @@
     python tools/hostcost.py [--config configs/shapes_2step.yaml] [--iters 5] [--threads 1]
 
 Runs the training loop on one fixed batch of an ``incdet`` step 1 (student and teacher) and
-prints the median seconds per iteration of each part as JSON (:mod:`incdet.hostcost`).
+prints the median seconds per iteration of each part as JSON (:mod:`incdet.bench.hostcost`).
 """
 from __future__ import annotations
 
 import argparse
 
-from incdet.cli import main_guard
+from incdet.tools.cli import main_guard
 
 
 def main(argv=None) -> int:
@@ -24,8 +24,8 @@ def main(argv=None) -> int:
 
     import json
 
-    from incdet.config import load_config
-    from incdet.hostcost import host_cost
+    from incdet.base.config import load_config
+    from incdet.bench.hostcost import host_cost
 
     cfg = load_config(args.config, args.overrides)
     result = host_cost(cfg, iters=args.iters, batch_size=args.batch_size,

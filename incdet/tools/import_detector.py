@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 
-from incdet.cli import main_guard, setup_logging
+from incdet.tools.cli import main_guard, setup_logging
 
 
 def main(argv=None) -> int:
-    from incdet.model.importer import ARCHS, INCDET_ARCH
+    from incdet.experiment.importer import ARCHS, INCDET_ARCH
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -49,8 +49,8 @@ def main(argv=None) -> int:
         parser.error("--state-dict needs --arch and --classes")
     setup_logging()
 
-    from incdet.config import load_config
-    from incdet.model import importer
+    from incdet.base.config import load_config
+    from incdet.experiment import importer
 
     cfg = load_config(args.config, args.overrides)
     if args.weights:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from incdet.cli import main_guard, setup_logging
+from incdet.tools.cli import main_guard, setup_logging
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -41,11 +41,11 @@ def main(argv=None) -> int:
     from torchvision.utils import draw_bounding_boxes
     from tqdm import tqdm
 
+    from incdet.base.errors import UserError
+    from incdet.base.io import atomic_write_json
     from incdet.data.dataset import read_image, to_tensor
-    from incdet.engine import resolve_device
-    from incdet.errors import UserError
-    from incdet.export import Runner
-    from incdet.io import atomic_write_json
+    from incdet.deploy.export import Runner
+    from incdet.train.engine import resolve_device
 
     files = []
     for item in args.images:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from incdet.cli import main_guard
+from incdet.tools.cli import main_guard
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from incdet.cli import main_guard, setup_logging
+from incdet.tools.cli import main_guard, setup_logging
 
 
 def main(argv=None) -> int:
@@ -35,12 +35,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from incdet.config import load_config
-    from incdet.errors import UserError
-    from incdet.methods import METHODS
-    from incdet.protocol import method_variants, run_protocol, with_step0
-    from incdet.report import table, write_report
-    from incdet.step import load_experiment
+    from incdet.base.config import load_config
+    from incdet.base.errors import UserError
+    from incdet.experiment.methods import METHODS
+    from incdet.experiment.protocol import method_variants, run_protocol, with_step0
+    from incdet.experiment.report import table, write_report
+    from incdet.experiment.step import load_experiment
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from incdet.cli import main_guard
+from incdet.tools.cli import main_guard
 
 
 def main(argv=None) -> int:
@@ -14,8 +14,8 @@ def main(argv=None) -> int:
     parser.add_argument("work_dir")
     args = parser.parse_args(argv)
 
-    from incdet.errors import UserError
-    from incdet.summary import read_steps, steps_table
+    from incdet.base.errors import UserError
+    from incdet.experiment.summary import read_steps, steps_table
 
     steps = read_steps(args.work_dir)
     if not steps:

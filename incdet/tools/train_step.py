@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from incdet.cli import main_guard, setup_logging
+from incdet.tools.cli import main_guard, setup_logging
 
 
 def main(argv=None) -> int:
@@ -22,8 +22,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from incdet.config import load_config
-    from incdet.step import run_step
+    from incdet.base.config import load_config
+    from incdet.experiment.step import run_step
 
     cfg = load_config(args.config, args.overrides)
     run_step(cfg, args.step, args.work_dir, resume=args.resume, force=args.force,

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from incdet.classes import ClassSpace, StepClasses
-from incdet.errors import check_choice
-from incdet.losses import DetectionLoss
+from incdet.base.errors import check_choice
+from incdet.data.classes import ClassSpace, StepClasses
+from incdet.train.losses import DetectionLoss
 
 ANCHOR_RULES = ("erd", "topk", "all")
 CLS_FORMS = ("sigmoid_kd", "l2")

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from incdet.errors import UserError, check_choice
+from incdet.base.errors import UserError, check_choice
 from incdet.model.builder import keep_frozen_norms
 
 

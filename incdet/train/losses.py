@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou
 
-from incdet.devices import host_to_device
-from incdet.distributed import global_count
-from incdet.errors import check_choice
+from incdet.base.devices import host_to_device
+from incdet.base.distributed import global_count
+from incdet.base.errors import check_choice
 
 BETWEEN_THRESHOLDS = det_utils.Matcher.BETWEEN_THRESHOLDS
 BELOW_LOW_THRESHOLD = det_utils.Matcher.BELOW_LOW_THRESHOLD
@@ -198,7 +198,7 @@ def masked_focal_loss(cls_logits: torch.Tensor, targets: Sequence[dict], matched
                       padded: PaddedTargets | None = None) -> torch.Tensor:
     """Sigmoid focal loss over (N, HWA, K) logits, restricted per image to its label space,
     normalised by the number of foreground anchors in the batch (the global batch under
-    several processes, see :mod:`incdet.distributed`). ``matched_idxs``: (N, HWA), or a list of
+    several processes, see :mod:`incdet.base.distributed`). ``matched_idxs``: (N, HWA), or a list of
     (HWA,), as :func:`match_anchors` gives.
 
     The value of torchvision's ``sigmoid_focal_loss`` times the mask, computed in float32 (at

@@ -31,8 +31,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from incdet.base.errors import UserError, check_choice
 from incdet.data.records import ImageRecord
-from incdet.errors import UserError, check_choice
 from incdet.model.builder import batch_transform
 
 RANKINGS = ("herding", "closest", "random")
