@@ -1,17 +1,29 @@
 """incdet: class-incremental object detection for torchvision RetinaNet.
 
-Start with :func:`incdet.experiment.step.run_step` (one step end to end), :func:`incdet.load_detector` /
-:class:`incdet.Detector` (a trained detector for applications) or the command-line tools in
-``tools/``; ``README.md`` describes the data flow and the contracts.
+Start with :func:`incdet.load_detector` / :class:`incdet.Detector` (a trained detector for
+applications), :func:`incdet.experiment.step.run_step` (one step end to end) or the command-line
+tools in ``tools/``.
+
+The package is layered; a module imports from its own layer or a lower one, at the top of its
+file (``tests/test_layers.py`` checks every import, and that they form no cycle):
+
+============  ==========================================================================
+layer         what it owns
+============  ==========================================================================
+base          errors, atomic file writes, config (defaults, overrides), devices, processes
+data          annotations (COCO, VOC, built-in shapes), class spaces, datasets, samplers
+model         the network: build, grow, heads, checkpoints, conversion to/from torchvision
+train         the training loop, losses, distillation, the exemplar memory's ranking
+evaluation    COCO-style evaluation of a model on a set of images
+experiment    methods, one step, protocols, importing a detector as step 0, merging
+              detectors, reports
+deploy        detectors for applications: ``load_detector``, ``Detector``, export, inference
+bench         benchmarks, one module per section of ``tools/benchmark.py``
+tools         command-line tools: parse arguments, call the layers below
+============  ==========================================================================
 """
+from incdet.deploy.detector import Detector, load_detector
+
 __version__ = "0.1.0"
 __all__ = ["load_detector", "Detector"]
-
-
-def __getattr__(name):  # imported lazily: `import incdet` stays light
-    if name in __all__:
-        from incdet.deploy import export
-
-        return getattr(export, name)
-    raise AttributeError(f"module 'incdet' has no attribute {name!r}")
 LAYERS = ("base", "data", "model", "train", "evaluation", "experiment", "deploy", "bench", "tools")

@@ -15,7 +15,7 @@ from incdet.base.config import load_config
 from incdet.data.dataset import DetectionDataset, collate
 from incdet.data.records import filter_for_classes
 from incdet.experiment import methods
-from incdet.experiment.step import load_experiment
+from incdet.experiment.loaders import load_experiment
 
 
 def main(cfg_path: str, out: str, mode: str = "sync") -> None:

@@ -8,12 +8,15 @@ import torch
 
 from incdet.base.config import load_config
 from incdet.base.errors import UserError
-from incdet.deploy.export import BranchedClassificationHead, ExportModule, export, load_detector
+from incdet.deploy.detector import load_detector
+from incdet.deploy.export import ExportModule, export
 from incdet.experiment import methods
-from incdet.experiment.step import load_experiment, model_from_checkpoint, run_step
+from incdet.experiment.loaders import load_experiment
+from incdet.experiment.step import run_step
 from incdet.model.builder import IncrementalRetinaNet, build_model, grow_model
-from incdet.model.checkpoint import load_checkpoint
+from incdet.model.checkpoint import load_checkpoint, model_from_checkpoint
 from incdet.model.heads import IncrementalClassificationHead
+from incdet.model.torchvision import BranchedClassificationHead
 
 SIZES = ((64, 64), (48, 80))
 

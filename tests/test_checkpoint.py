@@ -55,8 +55,8 @@ def test_round_trip_and_compatibility_checks(tmp_path):
 
 def test_config_saved_before_reduced_tail_existed_rebuilds_the_full_tail():
     from incdet.base.config import DEFAULTS, with_defaults
-    from incdet.experiment.step import model_from_checkpoint
     from incdet.model.builder import build_model
+    from incdet.model.checkpoint import model_from_checkpoint
 
     saved = copy.deepcopy(DEFAULTS)
     saved["model"].update(fpn_channels=16, head_convs=1, min_size=64, max_size=64)

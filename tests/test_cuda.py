@@ -88,7 +88,7 @@ def test_the_training_loop_waits_for_the_device_three_times_per_iteration(tiny_c
     of the box loss, the distilled anchors, and the finiteness check (engine's docstring);
     nothing else makes the host wait (torch's synchronisation debug mode counts them)."""
     from incdet.experiment import methods
-    from incdet.experiment.step import new_class_batch
+    from incdet.experiment.loaders import new_class_batch
     from incdet.train.engine import build_optimizer, build_scheduler, train
 
     cfg = load_config(tiny_config, ["model.fpn_channels=8"])

@@ -10,8 +10,9 @@ from torchvision.ops import box_iou
 
 from incdet.base.config import load_config
 from incdet.data.synthetic import CATEGORIES, render_image
-from incdet.deploy.export import Detector, as_image_tensor
-from incdet.experiment.importer import import_detector, load_torchvision, read_classes, slot_classes
+from incdet.deploy.detector import Detector, as_image_tensor
+from incdet.experiment.importer import import_detector
+from incdet.model.torchvision import load_torchvision, read_classes, slot_classes
 
 from conftest import ROOT
 

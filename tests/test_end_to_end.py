@@ -14,8 +14,8 @@ from incdet.base.config import load_config
 from incdet.data.records import coco_api, to_coco_dict
 from incdet.data.sources import load_subset
 from incdet.evaluation.coco_eval import METRIC_KEYS, predict
-from incdet.experiment.step import model_from_checkpoint, run_step
-from incdet.model.checkpoint import load_checkpoint
+from incdet.experiment.step import run_step
+from incdet.model.checkpoint import load_checkpoint, model_from_checkpoint
 
 from conftest import ROOT
 
@@ -165,7 +165,7 @@ def test_checkpoint_of_another_split_is_refused(tiny_config, tmp_path):
 def test_memory_is_selected_within_budget_and_replayed_with_its_label_space(
         tiny_config, tmp_path):
     from incdet.data.records import filter_for_classes
-    from incdet.experiment.step import load_experiment, train_loader
+    from incdet.experiment.loaders import load_experiment, train_loader
     from incdet.train.memory import Memory
 
     cfg = load_config(tiny_config, ["memory.budget=6", "split=5+5", "memory.replay_mode=add",

@@ -10,17 +10,12 @@ import torch
 
 from incdet.base.config import load_config, with_defaults
 from incdet.base.errors import UserError
-from incdet.deploy.export import (
-    Detector,
-    ExportModule,
-    export,
-    fuse_classifiers,
-    load_detector,
-    sample_images,
-)
-from incdet.experiment.step import model_from_checkpoint, run_step
-from incdet.model.checkpoint import load_checkpoint, save_checkpoint
+from incdet.deploy.detector import Detector, load_detector
+from incdet.deploy.export import ExportModule, export, sample_images
+from incdet.experiment.step import run_step
+from incdet.model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from incdet.model.heads import IncrementalClassificationHead
+from incdet.model.torchvision import fuse_classifiers
 
 from conftest import ROOT
 
@@ -204,12 +199,8 @@ def test_state_dict_export_is_what_a_torchvision_user_loads_and_imports(grown_ch
     """--format state_dict: a plain torchvision state dict (data-only load) whose RetinaNet,
     rebuilt from the checkpoint's model settings, detects exactly as the checkpoint; imported
     back with --arch incdet and OUT.json as --classes, it is the same detector again."""
-    from incdet.experiment.importer import (
-        import_detector,
-        load_torchvision,
-        read_classes,
-        slot_classes,
-    )
+    from incdet.experiment.importer import import_detector
+    from incdet.model.torchvision import load_torchvision, read_classes, slot_classes
 
     images = sample_images(SIZES)
     out = tmp_path / "det_state.pt"

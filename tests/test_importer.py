@@ -11,8 +11,8 @@ import torchvision
 from incdet.base.config import load_config
 from incdet.base.errors import UserError
 from incdet.experiment import importer
-from incdet.experiment.step import model_from_checkpoint
-from incdet.model.checkpoint import load_checkpoint
+from incdet.model import torchvision as tv
+from incdet.model.checkpoint import load_checkpoint, model_from_checkpoint
 
 from conftest import ROOT
 
@@ -27,7 +27,7 @@ def _stock(arch: str, num_classes: int, seed: int = 0):
         model = getattr(torchvision.models.detection, arch)(
             weights=None, weights_backbone=None, num_classes=num_classes, **SMALL)
     else:
-        model = importer.build_torchvision(arch, num_classes)
+        model = tv.build_torchvision(arch, num_classes)
         model.transform.min_size, model.transform.max_size = (SMALL["min_size"],), \
             SMALL["max_size"]
     gen = torch.Generator().manual_seed(seed)
@@ -87,17 +87,17 @@ def test_weights_name_reads_the_cache_and_drops_slots_that_are_no_class(tmp_path
     weights = torchvision.models.detection.RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(UserError, match="not in the local torch cache.*never downloads"):
-        importer.torchvision_from_weights(str(weights))
+        tv.torchvision_from_weights(str(weights))
     stock = _stock("retinanet_resnet50_fpn_v2", 91)
     names = weights.meta["categories"]
-    dead = [i for i, n in enumerate(names) if n in importer.NOT_A_CLASS]
+    dead = [i for i, n in enumerate(names) if n in tv.NOT_A_CLASS]
     assert dead[0] == 0 and len(dead) == 11
     bias = stock.head.classification_head.cls_logits.bias.data.view(9, 91)
     bias[:, dead] = -20.0  # trained slots that never fire
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(stock.state_dict(), cache / weights.url.rsplit("/", 1)[1])
-    model, slots, arch = importer.torchvision_from_weights(str(weights))
+    model, slots, arch = tv.torchvision_from_weights(str(weights))
     assert arch == "retinanet_resnet50_fpn_v2" and len(slots) == 91
     importer.import_detector(model, slots, load_config(None), tmp_path / "w", str(weights),
                              progress=False, overrides=["model.min_size=96",
@@ -135,7 +135,8 @@ memory: {{budget: 0}}
 
 def test_later_steps_grow_the_imported_head(tmp_path, tiny_dataset):
     from incdet.experiment import methods
-    from incdet.experiment.step import load_experiment, run_step
+    from incdet.experiment.loaders import load_experiment
+    from incdet.experiment.step import run_step
 
     _, slots, metrics = _small_imported(tmp_path, tiny_dataset)
     assert metrics["map"]["all"]["AP"] is not None  # evaluated on the config's validation set
@@ -177,26 +178,26 @@ def test_mobilenet_backbone_of_torchvision_is_refused_clearly():
                                   weights=None, trainable_layers=6)
     model = RetinaNet(backbone, 3)
     with pytest.raises(UserError, match="cannot be imported.*mobilenet_backbone reads two"):
-        importer.settings_of(model)
+        tv.settings_of(model)
 
 
 def test_class_lists_that_do_not_fit_are_clear_errors():
     with pytest.raises(UserError, match="3 classes given but the detector has 5 output slots"):
-        importer.slot_classes(5, [{"id": 1, "name": "a"}] * 3, "c.json")
+        tv.slot_classes(5, [{"id": 1, "name": "a"}] * 3, "c.json")
     with pytest.raises(UserError, match="category id 7 has no output slot.*5 slots"):
-        importer.slot_classes(5, {"categories": [{"id": 7, "name": "x"}]}, "ann.json")
+        tv.slot_classes(5, {"categories": [{"id": 7, "name": "x"}]}, "ann.json")
     with pytest.raises(UserError, match="appears twice"):
-        importer.slot_classes(2, [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}], "c.json")
-    slots = importer.slot_classes(3, {"categories": [{"id": 2, "name": "b"},
-                                                     {"id": 1, "name": "a"}]}, "ann.json")
+        tv.slot_classes(2, [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}], "c.json")
+    slots = tv.slot_classes(3, {"categories": [{"id": 2, "name": "b"},
+                                               {"id": 1, "name": "a"}]}, "ann.json")
     assert slots == [None, {"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
     meta = {"category_ids": [7, 3], "names": ["x", "y"]}  # tools/export.py OUT.json
-    assert importer.slot_classes(2, meta, "m.json") == [{"id": 7, "name": "x"},
-                                                        {"id": 3, "name": "y"}]
+    assert tv.slot_classes(2, meta, "m.json") == [{"id": 7, "name": "x"},
+                                                  {"id": 3, "name": "y"}]
 
 
 def test_new_classes_colliding_with_imported_ids_are_refused(tmp_path, tiny_dataset):
-    from incdet.experiment.step import load_experiment
+    from incdet.experiment.loaders import load_experiment
 
     cfg = load_config(None, [f"data.root={tiny_dataset}", "data.synthetic.generate=false",
                              "categories=[{id: 1, name: person}]"])
@@ -225,7 +226,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
     _fails_and_writes_nothing(tmp_path, ["--state-dict", str(classifier), "--arch",
                                          "retinanet_resnet18_fpn", "--classes", str(classes)],
                               "an image classifier")
-    stock = importer.build_torchvision("retinanet_resnet18_fpn", 4)
+    stock = tv.build_torchvision("retinanet_resnet18_fpn", 4)
     v1 = tmp_path / "r18.pt"
     torch.save(stock.state_dict(), v1)
     _fails_and_writes_nothing(tmp_path, ["--state-dict", str(v1), "--arch",

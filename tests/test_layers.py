@@ -10,7 +10,7 @@ import incdet
 
 PACKAGE = Path(incdet.__file__).parent
 # a function-level import is allowed only for these optional or heavy third-party packages
-LAZY_ALLOWED = ("onnx", "onnxruntime", "matplotlib", "torch.utils.tensorboard", "yaml")
+LAZY_ALLOWED = ("onnx", "onnxruntime", "matplotlib", "torch.utils.tensorboard")
 
 
 def module_name(path: Path) -> str:
@@ -33,10 +33,11 @@ def imports(path: Path):
     lines = source.splitlines()
     tree = ast.parse(source)
     top = {id(node) for node in tree.body}
-    # imports guarded by `if TYPE_CHECKING:` at the top count as top-level
+    # imports in a top-level `try:` (an optional module) or `if` count as top-level
     for node in tree.body:
-        if isinstance(node, ast.If):
-            top.update(id(n) for n in node.body)
+        if isinstance(node, (ast.Try, ast.If)):
+            for part in [node.body, node.orelse] + [h.body for h in getattr(node, "handlers", [])]:
+                top.update(id(n) for n in part)
     here = module_name(path)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

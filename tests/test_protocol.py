@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+import incdet.bench.herding
 from incdet.base.config import load_config
 from incdet.base.errors import UserError
 from incdet.experiment.protocol import method_variants, run_protocol
@@ -96,7 +97,7 @@ def test_joint_reference_is_used_only_when_trained_the_same_way(tmp_path):
 
     from incdet.base.config import dump_config
     from incdet.base.errors import UserError
-    from incdet.bench.sections import read_joint_reference, with_joint_reference
+    from incdet.bench.accuracy import read_joint_reference, with_joint_reference
 
     cfg = load_config(None, ["split=2+2", "train.max_iters=40"])
     ref = tmp_path / "joint" / "step_0"
@@ -142,8 +143,8 @@ def test_joint_budget_rule(tiny_config):
     import pytest
 
     from incdet.base.errors import UserError
+    from incdet.experiment.loaders import load_experiment
     from incdet.experiment.methods import training_budget
-    from incdet.experiment.step import load_experiment
 
     cfg = load_config(tiny_config, ["incremental.method=joint", "train.max_iters=10"])
     _, _, classes = load_experiment(cfg, progress=False)
@@ -164,8 +165,8 @@ def test_iters_per_class_budget(tiny_config):
     import pytest
 
     from incdet.base.errors import UserError
+    from incdet.experiment.loaders import load_experiment
     from incdet.experiment.methods import incremental_iterations, training_budget
-    from incdet.experiment.step import load_experiment
 
     cfg = load_config(tiny_config, ["train.iters_per_class=5"])  # overrides max_iters: 3
     _, _, classes = load_experiment(cfg, progress=False)
@@ -206,8 +207,6 @@ def test_benchmark_keeps_sections_written_meanwhile(tmp_path, monkeypatch, capsy
 
     import pytest
 
-    from incdet.bench import sections
-
     from conftest import ROOT
 
     spec = importlib.util.spec_from_file_location("benchmark_tool", ROOT / "tools" / "benchmark.py")
@@ -222,7 +221,7 @@ def test_benchmark_keeps_sections_written_meanwhile(tmp_path, monkeypatch, capsy
             {"results": {"4step": {"old": 1}, "6step": {"final_ap": {"incdet": 0.5}}}}))
         return {n: {"seconds": 1.0 + n / 1000, "pairs": n} for n in sizes}
 
-    monkeypatch.setattr(benchmarks, "herding_time", herding_time)
+    monkeypatch.setattr(incdet.bench.herding, "herding_time", herding_time)
     assert tool.main(["--sections", "herding", "--quick", "--out", str(out)]) == 0
     results = json.loads((out / "benchmark.json").read_text())["results"]
     assert results["6step"] == {"final_ap": {"incdet": 0.5}} and results["4step"] == {"old": 1}
@@ -233,7 +232,8 @@ def test_benchmark_keeps_sections_written_meanwhile(tmp_path, monkeypatch, capsy
 
 
 def test_steps_table_gives_ap_after_each_step_and_forgetting_per_group():
-    from incdet.bench.sections import markdown, over_seeds
+    from incdet.bench.accuracy import over_seeds
+    from incdet.bench.markdown import markdown
     from incdet.experiment.report import steps_table
 
     def steps(aps, forgetting, new=(None, None, None)):  # a benchmark's condensed steps
@@ -274,7 +274,8 @@ def test_steps_table_gives_ap_after_each_step_and_forgetting_per_group():
 
 
 def test_seeds_are_summarised_with_mean_and_spread():
-    from incdet.bench.sections import markdown, over_seeds, spread_text
+    from incdet.bench.accuracy import over_seeds, spread_text
+    from incdet.bench.markdown import markdown
 
     runs = {0: {"final_ap": {"incdet": 0.50, "joint": 0.60}, "step0_retention": {"incdet": 0.9},
                 "ratio_to_joint": {"incdet": 0.50 / 0.60, "joint": 1.0}},
@@ -337,7 +338,7 @@ def test_model_cost_times_every_variant_side_by_side(tiny_config):
     """The gpu section's measurement, run on CPU: every variant in each precision, medians,
     images/s and the speed-up over torchvision's v2, consistent with each other."""
     from incdet.base.config import load_config
-    from incdet.bench.sections import model_cost
+    from incdet.bench.model_cost import model_cost
 
     r = model_cost(load_config(tiny_config), "cpu", ("fp32",), iters=1, batch_size=2)
     names = {"incdet_step0", "incdet_step1", "branch", "tv_v1", "tv_v2"}
@@ -357,7 +358,7 @@ def test_model_cost_times_every_variant_side_by_side(tiny_config):
 
 
 def test_training_throughput_runs_the_loop_on_the_given_device(tiny_config):
-    from incdet.bench.sections import training_throughput
+    from incdet.bench.training_cost import training_throughput
 
     r = training_throughput(load_config(tiny_config), iters=2, device="cpu")
     assert r["device"] == "cpu" and r["batch_size"] == 4 and r["iters"] == 2

@@ -8,7 +8,8 @@ import torch
 
 from incdet.base.config import load_config
 from incdet.base.errors import UserError
-from incdet.experiment.step import evaluate_checkpoint, run_step
+from incdet.experiment.evaluate import evaluate_checkpoint
+from incdet.experiment.step import run_step
 from incdet.model.checkpoint import load_checkpoint, save_checkpoint
 
 from conftest import ROOT

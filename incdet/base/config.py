@@ -1,19 +1,22 @@
 """Configuration: defaults in one place, YAML files with one level of ``_base_``, dotted overrides.
 
 A config file only needs the keys it changes. Every key must exist in :data:`DEFAULTS`; an unknown
-(for example misspelled) key is a :class:`~incdet.base.errors.UserError` that names the key and the file.
+(for example misspelled) key is a :class:`~incdet.base.errors.UserError` that names the key and
+the file.
 ``--set a.b=value`` overrides are parsed as YAML scalars (``5``, ``0.1``, ``null``, ``[1, 2]``).
 """
 from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from incdet.base.errors import UserError
+from incdet.base.io import atomic_write_text
 
 # Default values for every key. A value that is a dict here is a section: the user's value for it
 # must be a dict too, and its keys are checked. Anything else is a leaf and may take any YAML value.
@@ -152,6 +155,17 @@ DEFAULTS: dict[str, Any] = {
         # End-to-End Incremental Learning's balanced fine-tuning, after a step's main training
         "balanced_finetune": {"enabled": False, "iters": 100, "lr_scale": 0.1},
     },
+    # tools/merge.py: several teachers distilled into one student (docs/design.md, "Merging")
+    "merge": {
+        "iters": None,  # training iterations (null: the step budget of the union's classes)
+        "temperature": 2.0,  # distillation temperature T of the classification term
+        "gamma": 2.0,  # modulating factor |p - q| ** gamma of the classification term
+        "box_thresh": 0.5,  # the box teacher's lowest class probability for an anchor's box
+        # a class several teachers know: error | first (the first teacher answers) | mean
+        "overlap": "error",
+        "labels": True,  # the transfer set's boxes train too, where it has them
+        "transfer_step": None,  # with the config's data: only this step's training images
+    },
 }
 
 
@@ -267,8 +281,6 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 def dump_config(cfg: dict, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomic)."""
-    from incdet.base.io import atomic_write_text
-
     clean = {k: v for k, v in cfg.items() if not k.startswith("_")}
     atomic_write_text(path, yaml.safe_dump(clean, sort_keys=False))
 
@@ -302,8 +314,6 @@ def strip_private(cfg: dict) -> dict:
 def _source_comments() -> dict[str, str]:
     """The comment of each dotted key in the source of :data:`DEFAULTS`: the comment lines just
     above the key and the comment at the end of its line."""
-    import re
-
     lines = Path(__file__).read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("DEFAULTS"))
     out: dict[str, str] = {}
@@ -337,8 +347,8 @@ def reference_markdown() -> str:
     comments = _source_comments()
     out = ["# Configuration reference", "",
            "Every key, its default and what it does, generated from `incdet/base/config.py` by "
-           "`python -m incdet.base.config > docs/configuration.md` (a test checks that this file is "
-           "current). A config file only gives the keys it changes; `_base_: FILE` inherits one "
+           "`python -m incdet.base.config > docs/configuration.md` (a test checks that this file "
+           "is current). A config file only gives the keys it changes; `_base_: FILE` inherits one "
            "file; `--set key.sub=value` overrides any key from the command line (values are "
            "YAML); an unknown key is an error naming the key and the file.", ""]
 

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 
 def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
     path = Path(path)
@@ -43,6 +45,4 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
-    import torch
-
     _atomic(path, lambda f: torch.save(obj, f), "wb")

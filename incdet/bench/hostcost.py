@@ -1,8 +1,9 @@
 """Where a training iteration's time goes: the model's forward/backward vs everything else.
 
-:func:`host_cost` runs the real training loop (:func:`incdet.train.engine.train`) on one fixed batch of
-an ``incdet`` step 1 (student and teacher, as :func:`incdet.bench.sections.iteration_cost` builds
-them) and splits every iteration with wall-clock marks:
+:func:`host_cost` runs the real training loop (:func:`incdet.train.engine.train`) on one fixed
+batch of an ``incdet`` step 1 (student and teacher, as
+:func:`incdet.bench.training_cost.iteration_cost` builds them) and splits every iteration with
+wall-clock marks:
 
 * ``model_forward``: the backbone and head of the student and of the teacher (module hooks);
 * ``backward``: from the first loss term's gradient to the last parameter gradient;
@@ -29,16 +30,11 @@ from collections import defaultdict
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from incdet.base.devices import seed_everything
 from incdet.experiment import methods
-from incdet.experiment.step import new_class_batch
+from incdet.experiment.loaders import new_class_batch
 from incdet.model import builder
-from incdet.train.engine import (
-    apply_keep_freed_memory,
-    build_optimizer,
-    build_scheduler,
-    seed_everything,
-    train,
-)
+from incdet.train.engine import apply_keep_freed_memory, build_optimizer, build_scheduler, train
 
 try:
     import resource  # page faults (Unix)

@@ -1,0 +1,1 @@
+"""Layer 1: annotations (COCO, VOC, the built-in shapes), class spaces, datasets and samplers."""

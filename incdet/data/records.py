@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 import numpy as np
+from pycocotools.coco import COCO
 
 
 @dataclass
@@ -104,8 +105,6 @@ def to_coco_dict(records: Sequence[ImageRecord], categories: Sequence[dict]) -> 
 
 def coco_api(dataset: dict):
     """A ``pycocotools.coco.COCO`` built from a dict, without its chatter on stdout."""
-    from pycocotools.coco import COCO
-
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):

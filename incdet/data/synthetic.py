@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from incdet.base.io import atomic_write_json
 
@@ -163,8 +164,6 @@ def generate(root: str | os.PathLike, num_train: int = 2000, num_val: int = 300,
     The annotation files are written last and atomically, so a dataset with both JSON files is
     complete; an interrupted run is simply regenerated.
     """
-    from tqdm import tqdm
-
     root = Path(root)
     for subset, count in (("train", num_train), ("val", num_val)):
         img_dir = root / "images" / subset

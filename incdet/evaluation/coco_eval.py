@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from incdet.data.dataset import DetectionDataset, make_loader
@@ -80,8 +81,6 @@ def coco_evaluate(gt: dict, results: list[dict], class_ids: Sequence[int],
 
     Returns ``{"groups": {name: metrics}, "per_class_ap": {str(id): AP or None}}``.
     """
-    from pycocotools.cocoeval import COCOeval
-
     class_ids = sorted(int(c) for c in class_ids)
     coco_gt = coco_api(gt)
     has_gt = {c: len(coco_gt.getAnnIds(catIds=[c], iscrowd=False)) > 0 for c in class_ids}

@@ -26,9 +26,18 @@ from dataclasses import dataclass
 from incdet.base import distributed as dist
 from incdet.base.errors import UserError, check_choice
 from incdet.data.classes import ClassSpace, StepClasses
+from incdet.data.records import filter_for_classes
 from incdet.data.sampler import replay_counts
-from incdet.model.builder import build_model, caps_per_step, freeze_all_but, grow_model
-from incdet.model.checkpoint import load_model_state
+from incdet.model.builder import (
+    build_model,
+    caps_per_step,
+    forward_train,
+    freeze_all_but,
+    grow_model,
+)
+from incdet.model.checkpoint import model_of
+from incdet.train.distill import DistillationCriterion
+from incdet.train.losses import DetectionLoss
 
 METHODS = ("incdet", "finetune", "joint", "branch")
 
@@ -82,8 +91,6 @@ def training_budget(cfg: dict, classes: ClassSpace, records, t: int, batches: in
 
 def incremental_iterations(cfg: dict, classes: ClassSpace, records, t: int) -> int:
     """The iterations an incremental run spends on steps ``0..t`` together."""
-    from incdet.data.records import filter_for_classes
-
     return sum(step_iterations(cfg, len(filter_for_classes(records, classes.steps[s])),
                                len(classes.steps[s])) for s in range(t + 1))
 
@@ -127,15 +134,6 @@ def build_student(cfg: dict, sc: StepClasses, plan: Plan, previous: dict | None,
     return model
 
 
-def model_of(cfg: dict, ckpt: dict, source: str = "checkpoint"):
-    """The model of a checkpoint (its head layout and towers) with its weights, built from
-    ``cfg``'s model settings; on CPU, in training mode."""
-    model = build_model(cfg["model"], ckpt["head_layout"], ckpt.get("head_towers"),
-                        per_step_caps=caps_per_step(cfg), from_checkpoint=True)
-    load_model_state(model, ckpt, cfg["model"], source)
-    return model
-
-
 def build_teacher(cfg: dict, previous: dict, source: str = "previous checkpoint"):
     """The frozen previous model: ``eval()``, no gradients, not a submodule of the student."""
     teacher = model_of(cfg, previous, source)
@@ -164,9 +162,6 @@ def replay_weight(cfg: dict) -> float | None:
 def make_criterion(cfg: dict, student, teacher, plan: Plan, classes: ClassSpace,
                    sc: StepClasses, distill_new: bool = False):
     """``loss_fn(images, targets) -> {"loss_*": Tensor}`` for the step's method."""
-    from incdet.model.builder import forward_train
-    from incdet.train.losses import DetectionLoss
-
     detection = DetectionLoss(cfg["loss"], student.box_coder, student.proposal_matcher,
                               replay_weight(cfg) if plan.uses_memory and sc.step > 0 else None)
     if teacher is None:
@@ -174,7 +169,6 @@ def make_criterion(cfg: dict, student, teacher, plan: Plan, classes: ClassSpace,
             head_outputs, anchors, targets_t, _ = forward_train(student, images, targets)
             return detection(head_outputs, anchors, targets_t)
         return loss_fn
-    from incdet.train.distill import DistillationCriterion
 
     return DistillationCriterion(cfg, student, teacher, detection, classes, sc,
                                  include_new=distill_new)

@@ -16,10 +16,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from incdet.base.config import apply_overrides
+from incdet.base.config import apply_overrides, load_config
 from incdet.base.errors import UserError
+from incdet.experiment.exemplars import write_memory
+from incdet.experiment.loaders import load_experiment
 from incdet.experiment.methods import memory_enabled
-from incdet.experiment.step import load_experiment, run_step, write_memory
+from incdet.experiment.step import run_step
 
 # Settings that do not change how step 0 is trained (only later steps, or what is saved after).
 _STEP0_NEUTRAL = ("incremental", "memory")
@@ -45,8 +47,6 @@ def _step0_key(cfg: dict) -> str:
 def with_step0(cfg: dict, step0: str | Path) -> dict:
     """``cfg`` with the ``model`` settings and ``categories`` of a finished step-0 folder (an
     imported detector's, for example), which later steps must match."""
-    from incdet.base.config import load_config
-
     step0 = Path(step0)
     if not (step0 / "metrics.json").is_file() or step0.name != "step_0":
         raise UserError(f"--step0 {step0}: not a finished step_0 folder (it needs "

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from incdet.base.io import atomic_write_json, atomic_write_text
+from incdet.data.dataset import read_image, to_tensor
+from incdet.model.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 def _fmt(v, spec: str = ".3f") -> str:
@@ -144,10 +148,10 @@ def steps_table(title: str, per: dict[str, list[list[dict]]]) -> list[str]:
 
 
 def plot_ap_over_steps(summary: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy: loaded only to draw
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: loaded only to draw
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (name, steps) in enumerate(summary["methods"].items()):
@@ -172,10 +176,10 @@ def plot_ap_over_steps(summary: dict, path: Path) -> None:
 
 
 def plot_per_class_ap(summary: dict, names: dict[str, str], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy: loaded only to draw
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: loaded only to draw
 
     methods = {n: s[-1] for n, s in summary["methods"].items() if s}
     if not methods:
@@ -208,16 +212,11 @@ def plot_detections(work_dir: Path, methods: list[str], records, path: Path,
     """The same validation images (``records``) with the detections of each method's last step,
     side by side (one row per image, one column per method): boxes and class names, classes of
     earlier steps in blues, the last step's classes in oranges."""
-    import matplotlib
+    import matplotlib  # heavy: loaded only to draw
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-    from matplotlib.patches import Rectangle
-
-    from incdet.data.dataset import read_image, to_tensor
-    from incdet.experiment.step import model_from_checkpoint
-    from incdet.model.checkpoint import load_checkpoint
+    import matplotlib.pyplot as plt  # heavy: loaded only to draw
+    from matplotlib.patches import Rectangle  # heavy: loaded only to draw
 
     images = [read_image(r.path) for r in records]
     fig, axes = plt.subplots(len(images), len(methods), squeeze=False,

@@ -1,0 +1,1 @@
+"""Layer 2: the network: build, grow, heads, checkpoints, conversion to and from torchvision."""

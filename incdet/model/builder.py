@@ -8,7 +8,8 @@ cache (nothing is downloaded), or a path to a backbone ``state_dict`` file.
 
 The same settings express torchvision's own RetinaNets (``retinanet_resnet50_fpn``: P6 from P5,
 head without norm; ``_v2``: P6 from C5, GroupNorm head; anchor sizes given per level as lists),
-so that a trained torchvision detector can be imported as step 0 (:mod:`incdet.experiment.importer`).
+so that a trained torchvision detector can be imported as step 0 (:mod:`incdet.model.torchvision`
+converts it, :mod:`incdet.experiment.importer` writes the step).
 With ``model.caps_per_step`` the model is an :class:`IncrementalRetinaNet`, whose
 ``topk_candidates`` and ``detections_per_img`` apply to each step's classes separately.
 """

@@ -18,9 +18,12 @@ import pickle
 from pathlib import Path
 
 import torch
+import yaml
 
+from incdet.base.config import differing_keys, with_defaults
 from incdet.base.errors import UserError
 from incdet.base.io import atomic_torch_save
+from incdet.model.builder import build_model, caps_per_step
 
 FORMAT = "incdet"
 VERSION = 1
@@ -57,8 +60,6 @@ def load_model_state(model, ckpt: dict, model_cfg: dict, source: str | os.PathLi
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        from incdet.base.config import differing_keys, with_defaults
-
         saved = with_defaults(ckpt.get("config") or {}).get("model", {})
         diff = [f"model.{k}: {_yaml(model_cfg.get(k))} here, {_yaml(saved.get(k))} in the "
                 "checkpoint" for k in differing_keys(model_cfg, saved)]
@@ -70,8 +71,6 @@ def load_model_state(model, ckpt: dict, model_cfg: dict, source: str | os.PathLi
 
 
 def _yaml(value) -> str:
-    import yaml
-
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
@@ -86,3 +85,17 @@ def check_compatible(ckpt: dict, path: str | os.PathLike, class_order: list[int]
         raise UserError(f"{path}: checkpoint was trained with another class order or split "
                         f"({ckpt['steps'][:step + 1]} vs {steps[:step + 1]}); use the config it "
                         "was trained with or a fresh work directory")
+
+
+def model_of(cfg: dict, ckpt: dict, source: str = "checkpoint"):
+    """The model of a checkpoint (its head layout and towers) with its weights, built from
+    ``cfg``'s model settings; on CPU, in training mode."""
+    model = build_model(cfg["model"], ckpt["head_layout"], ckpt.get("head_towers"),
+                        per_step_caps=caps_per_step(cfg), from_checkpoint=True)
+    load_model_state(model, ckpt, cfg["model"], source)
+    return model
+
+
+def model_from_checkpoint(ckpt: dict, cfg: dict | None = None, source: str = "checkpoint"):
+    """Rebuild the model of a checkpoint (on CPU, in eval mode); ``source`` names it in errors."""
+    return model_of(cfg or with_defaults(ckpt["config"]), ckpt, source).eval()

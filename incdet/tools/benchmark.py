@@ -12,7 +12,17 @@ import argparse
 import json
 import platform
 import time
+from pathlib import Path
 
+import torch
+
+from incdet.base.config import load_config
+from incdet.base.io import atomic_write_json
+from incdet.bench import accuracy, herding, inference, model_cost, pretrained, training_cost
+from incdet.bench.markdown import markdown
+from incdet.experiment.loaders import load_experiment
+from incdet.experiment.methods import incremental_iterations
+from incdet.experiment.protocol import run_protocol
 from incdet.tools.cli import main_guard, setup_logging
 
 SECTIONS = ("throughput", "cost", "herding", "2step", "4step", "6step", "inference",
@@ -64,8 +74,6 @@ def main(argv=None) -> int:
     setup_logging()
     args.out = args.out or ("runs/benchmark_quick" if args.quick else "runs/benchmark")
     if args.markdown:
-        from incdet.bench.sections import markdown
-
         with open(f"{args.out}/benchmark.json") as f:
             print(markdown(json.load(f)))
         return 0
@@ -81,14 +89,6 @@ def main(argv=None) -> int:
     if args.joint_reference and any(m.split("@")[0] == "joint" for m in methods):
         parser.error("--joint-reference replaces training joint: drop joint from --methods, or "
                      "drop --joint-reference to train it")
-
-    import torch
-
-    from incdet.base.config import load_config
-    from incdet.base.io import atomic_write_json
-    from incdet.bench import sections
-    from incdet.experiment.methods import incremental_iterations
-    from incdet.experiment.step import load_experiment
 
     def total_iterations(cfg: dict) -> int:
         """The incremental run's steps together: the equal-compute joint's budget."""
@@ -127,24 +127,21 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown section {section!r}; choose from {', '.join(SECTIONS)}")
         if section == "throughput":
             cfg = load_config("configs/shapes_joint.yaml", args.overrides)
-            r = benchmarks.training_throughput(cfg, iters=10 if args.quick else 30)
+            r = training_cost.training_throughput(cfg, iters=10 if args.quick else 30)
             print(f"[throughput] step-0 training: {r['images_per_second']:.1f} images/s "
                   f"(batch {r['batch_size']}, {r['threads']} threads)")
         elif section == "cost":
             cfg = load_config("configs/shapes_2step.yaml", args.overrides)
-            r = benchmarks.iteration_cost(cfg, iters=5 if args.quick else 15)
+            r = training_cost.iteration_cost(cfg, iters=5 if args.quick else 15)
             print(f"[cost] iteration with teacher / without: {r['ratio']:.2f}x "
                   f"({r['incdet_s']:.3f}s vs {r['plain_s']:.3f}s, batch {r['batch_size']})")
         elif section == "herding":
             n = 1000 if args.quick else 4000
-            r = benchmarks.herding_time([n, 2 * n, 4 * n])
+            r = herding.herding_time([n, 2 * n, 4 * n])
             print("[herding] " + ", ".join(f"{k} images ({v['pairs']} image-class pairs): "
                                            f"{v['seconds']:.2f}s" for k, v in r.items()))
             r["ratio_4n_to_n"] = r[4 * n]["seconds"] / r[n]["seconds"]
         elif section == "inference":
-            from pathlib import Path
-
-            from incdet.experiment.protocol import run_protocol
 
             two = Path(args.out) / f"shapes_2step_{iters}"
             ckpt = two / "incdet" / "step_1" / "checkpoint.pt"
@@ -153,8 +150,8 @@ def main(argv=None) -> int:
                                   args.overrides + [f"train.max_iters={iters}"])
                 run_protocol(cfg, two, {"incdet": ["incremental.method=incdet",
                                                    "memory.budget=0"]}, progress)
-            r = benchmarks.inference_speed(ckpt, num_images=32 if args.quick else 100,
-                                           export_dir=Path(args.out) / "export")
+            r = inference.inference_speed(ckpt, num_images=32 if args.quick else 100,
+                                          export_dir=Path(args.out) / "export")
             ips = r["images_per_second"]
             print("[inference] images/s, one image per call: " + ", ".join(
                 f"{k} {v:.1f}" for k, v in ips.items()))
@@ -175,14 +172,14 @@ def main(argv=None) -> int:
             coco_cfg["loss"]["box"] = coco["loss"]["box"]
             n = 3 if args.quick else 10
             for name, cfg in (("cpu_preset", cpu_cfg), ("coco_preset", coco_cfg)):
-                r[name] = benchmarks.model_cost(cfg, "cuda", iters=n, batch_size=16)
+                r[name] = model_cost.model_cost(cfg, "cuda", iters=n, batch_size=16)
                 for amp in ("null", "bf16"):
                     tcfg = load_config("configs/shapes_2step.yaml",
                                        args.overrides + gpu + [f"train.amp={amp}"])
                     tcfg["model"], tcfg["loss"] = cfg["model"], cfg["loss"]
                     r[name][f"training_images_per_second_{amp}"] = \
-                        benchmarks.training_throughput(tcfg, iters=10 if args.quick else 50,
-                                                       device="cuda")["images_per_second"]
+                        training_cost.training_throughput(tcfg, iters=10 if args.quick else 50,
+                                                          device="cuda")["images_per_second"]
                 for p, sp in r[name]["speedup_over_tv_v2"].items():
                     print(f"[gpu] {name} {p}: speed-up over torchvision v2 (model only, batch "
                           f"16): " + ", ".join(f"{k} {v:.2f}" for k, v in sp.items()))
@@ -192,7 +189,7 @@ def main(argv=None) -> int:
         elif section == "pretrained":
             cfg = load_config("configs/shapes_2step.yaml",
                               args.overrides + [f"train.max_iters={iters}"])
-            r = benchmarks.pretrained(cfg, f"{args.out}/pretrained_{iters}", PRETRAINED,
+            r = pretrained.pretrained(cfg, f"{args.out}/pretrained_{iters}", PRETRAINED,
                                       progress, cost_iters=3 if args.quick else 10)
             print(f"[pretrained] step-0 AP trained {r['trained_step0_ap']:.4f}, imported "
                   f"{r['imported_ap']:.4f}")
@@ -230,22 +227,22 @@ def main(argv=None) -> int:
                 if "joint" not in variants and args.joint_reference:  # checked before training
                     reference = args.joint_reference.replace("{seed}", str(seed))
                     _, _, classes = load_experiment(cfg, progress=False)
-                    joint_ap = benchmarks.read_joint_reference(
+                    joint_ap = accuracy.read_joint_reference(
                         reference, cfg, list(classes.order), iterations=total_iterations(cfg))
                 # seed 0 keeps the folder of the runs made before --seeds existed
                 folder = f"{args.out}/{name}_{budget_name}" + (f"_seed{seed}" if seed else "")
-                r = benchmarks.accuracy(cfg, folder, variants, progress)
+                r = accuracy.accuracy(cfg, folder, variants, progress)
                 if joint_ap is not None:
-                    r = benchmarks.with_joint_reference(r, joint_ap, reference)
+                    r = accuracy.with_joint_reference(r, joint_ap, reference)
                 per_seed[seed] = r
-            r = benchmarks.over_seeds(per_seed)
+            r = accuracy.over_seeds(per_seed)
             r["config"] = f"configs/{name}.yaml"
             for key, label in (("final_ap", "final AP (all classes)"),
                                ("ratio_to_joint", "ratio to equal-compute joint"),
                                ("step0_retention", "step-0 classes kept (AP last / at step 0)")):
                 if key in r:
                     print(f"[{section}] {label}: " + ", ".join(
-                        f"{m}={benchmarks.spread_text(v)}" for m, v in r[key].items()))
+                        f"{m}={accuracy.spread_text(v)}" for m, v in r[key].items()))
         protocol = section in PROTOCOLS
         r["iters_per_step"] = (iters if section in ("inference", "pretrained") or
                                (protocol and args.iters_per_class is None) else None)

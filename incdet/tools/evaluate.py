@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import argparse
 
+from incdet.base.config import load_config
+from incdet.base.devices import resolve_device
+from incdet.base.io import atomic_write_json
+from incdet.evaluation.coco_eval import format_table
+from incdet.experiment.evaluate import evaluate_checkpoint
 from incdet.tools.cli import main_guard, setup_logging
 
 
@@ -25,12 +30,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     setup_logging()
-
-    from incdet.base.config import load_config
-    from incdet.base.io import atomic_write_json
-    from incdet.evaluation.coco_eval import format_table
-    from incdet.experiment.step import evaluate_checkpoint
-    from incdet.train.engine import resolve_device
 
     device = resolve_device(args.device, "--device")
     # --set changes --config, or else the config saved in the checkpoint

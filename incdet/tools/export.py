@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 
+from incdet.base.devices import resolve_device
+from incdet.base.errors import UserError
+from incdet.deploy.export import FORMATS, export
 from incdet.tools.cli import main_guard, setup_logging
 
 
 def main(argv=None) -> int:
-    from incdet.deploy.export import FORMATS
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="step_<t>/checkpoint.pt")
     parser.add_argument("--format", required=True, choices=FORMATS)
@@ -32,10 +33,6 @@ def main(argv=None) -> int:
                              "holds CPU weights either way (ONNX is checked on CPU)")
     args = parser.parse_args(argv)
     setup_logging()
-
-    from incdet.base.errors import UserError
-    from incdet.deploy.export import export
-    from incdet.train.engine import resolve_device
 
     if args.opset < 17:
         raise UserError(f"--opset {args.opset}: use 17 or later")

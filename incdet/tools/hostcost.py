@@ -8,7 +8,10 @@ prints the median seconds per iteration of each part as JSON (:mod:`incdet.bench
 from __future__ import annotations
 
 import argparse
+import json
 
+from incdet.base.config import load_config
+from incdet.bench.hostcost import host_cost
 from incdet.tools.cli import main_guard
 
 
@@ -21,11 +24,6 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: unchanged)")
     args = parser.parse_args(argv)
-
-    import json
-
-    from incdet.base.config import load_config
-    from incdet.bench.hostcost import host_cost
 
     cfg = load_config(args.config, args.overrides)
     result = host_cost(cfg, iters=args.iters, batch_size=args.batch_size,

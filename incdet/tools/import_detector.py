@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 
+from incdet.base.config import load_config
+from incdet.experiment import importer
+from incdet.model import torchvision as tv
+from incdet.model.torchvision import ARCHS, INCDET_ARCH
 from incdet.tools.cli import main_guard, setup_logging
 
 
 def main(argv=None) -> int:
-    from incdet.experiment.importer import ARCHS, INCDET_ARCH
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", help="torchvision weights name, read from the local torch "
@@ -49,20 +51,17 @@ def main(argv=None) -> int:
         parser.error("--state-dict needs --arch and --classes")
     setup_logging()
 
-    from incdet.base.config import load_config
-    from incdet.experiment import importer
-
     cfg = load_config(args.config, args.overrides)
     if args.weights:
-        model, slots, _ = importer.torchvision_from_weights(args.weights)
+        model, slots, _ = tv.torchvision_from_weights(args.weights)
         source = args.weights
     else:
-        model = importer.load_torchvision(args.state_dict, args.arch, args.state_dict,
-                                          cfg["model"])
+        model = tv.load_torchvision(args.state_dict, args.arch, args.state_dict,
+                                    cfg["model"])
         source = args.state_dict
     if args.classes:
-        slots = importer.slot_classes(model.head.classification_head.num_classes,
-                                      importer.read_classes(args.classes), args.classes)
+        slots = tv.slot_classes(model.head.classification_head.num_classes,
+                                tv.read_classes(args.classes), args.classes)
     metrics = importer.import_detector(model, slots, cfg, args.work_dir, source,
                                        evaluate=args.config is not None, force=args.force,
                                        progress=not args.no_progress, overrides=args.overrides)

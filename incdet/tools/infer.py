@@ -12,7 +12,18 @@ names drawn.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+import torch
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes
+from tqdm import tqdm
+
+from incdet.base.devices import resolve_device
+from incdet.base.errors import UserError
+from incdet.base.io import atomic_write_json
+from incdet.data.dataset import read_image, to_tensor
+from incdet.deploy.export import Runner
 from incdet.tools.cli import main_guard, setup_logging
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -34,18 +45,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     setup_logging()
-
-    from pathlib import Path
-
-    import torch
-    from torchvision.utils import draw_bounding_boxes
-    from tqdm import tqdm
-
-    from incdet.base.errors import UserError
-    from incdet.base.io import atomic_write_json
-    from incdet.data.dataset import read_image, to_tensor
-    from incdet.deploy.export import Runner
-    from incdet.train.engine import resolve_device
 
     files = []
     for item in args.images:
@@ -80,8 +79,6 @@ def main(argv=None) -> int:
                             "bbox": [round(b[0], 2), round(b[1], 2), round(b[2] - b[0], 2),
                                      round(b[3] - b[1], 2)], "score": round(float(s), 5)})
         if not args.no_draw:
-            from PIL import Image
-
             canvas = torch.from_numpy(array).permute(2, 0, 1).contiguous()
             if len(boxes):
                 labels = [f"{names.get(int(c), c)} {s:.2f}" for c, s in zip(ids, scores)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from incdet.data import synthetic
 from incdet.tools.cli import main_guard
 
 
@@ -17,8 +18,6 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-
-    from incdet.data import synthetic
 
     root = synthetic.generate(args.out, args.train, args.val, args.size, args.seed)
     print(f"wrote {args.train} + {args.val} images to {root}")

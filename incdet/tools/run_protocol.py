@@ -13,6 +13,12 @@ from __future__ import annotations
 
 import argparse
 
+from incdet.base.config import load_config
+from incdet.base.errors import UserError
+from incdet.experiment.loaders import load_experiment
+from incdet.experiment.methods import METHODS
+from incdet.experiment.protocol import method_variants, run_protocol, with_step0
+from incdet.experiment.report import table, write_report
 from incdet.tools.cli import main_guard, setup_logging
 
 
@@ -34,13 +40,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     setup_logging()
-
-    from incdet.base.config import load_config
-    from incdet.base.errors import UserError
-    from incdet.experiment.methods import METHODS
-    from incdet.experiment.protocol import method_variants, run_protocol, with_step0
-    from incdet.experiment.report import table, write_report
-    from incdet.experiment.step import load_experiment
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

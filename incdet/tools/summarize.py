@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from incdet.base.errors import UserError
+from incdet.experiment.summary import read_steps, steps_table
 from incdet.tools.cli import main_guard
 
 
@@ -13,9 +15,6 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work_dir")
     args = parser.parse_args(argv)
-
-    from incdet.base.errors import UserError
-    from incdet.experiment.summary import read_steps, steps_table
 
     steps = read_steps(args.work_dir)
     if not steps:

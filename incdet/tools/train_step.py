@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from incdet.base.config import load_config
+from incdet.experiment.step import run_step
 from incdet.tools.cli import main_guard, setup_logging
 
 
@@ -21,9 +23,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     setup_logging()
-
-    from incdet.base.config import load_config
-    from incdet.experiment.step import run_step
 
     cfg = load_config(args.config, args.overrides)
     run_step(cfg, args.step, args.work_dir, resume=args.resume, force=args.force,

@@ -24,6 +24,7 @@ from torchvision.ops import box_iou
 
 from incdet.base.errors import check_choice
 from incdet.data.classes import ClassSpace, StepClasses
+from incdet.model.builder import forward_train
 from incdet.train.losses import DetectionLoss
 
 ANCHOR_RULES = ("erd", "topk", "all")
@@ -121,8 +122,6 @@ class DistillationCriterion:
 
     def __init__(self, cfg: dict, student, teacher, detection: DetectionLoss,
                  classes: ClassSpace, sc: StepClasses, include_new: bool = False):
-        from incdet.model.builder import forward_train
-
         self._forward_train = forward_train
         self.student = student
         self.teacher = teacher  # plain attribute: never a submodule of the student

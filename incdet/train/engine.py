@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import random
 import sys
 import time
 import warnings
@@ -39,31 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from incdet.base.errors import UserError, check_choice
 from incdet.model.builder import keep_frozen_norms
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str | torch.device | None = "auto",
-                   key: str = "train.device") -> torch.device:
-    """``auto`` (or None): CUDA when available, else CPU; otherwise the device named. ``key``
-    names the setting in the error raised when CUDA is asked for but missing."""
-    if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"{key}: {str(name)!r} requested but CUDA is not available; use auto "
-                        "or cpu")
-    return torch.device(name)
-
 
 # glibc's mallopt parameters and the values train.keep_freed_memory sets
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3

@@ -30,8 +30,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torchvision.ops import MultiScaleRoIAlign
+from tqdm import tqdm
 
 from incdet.base.errors import UserError, check_choice
+from incdet.data.dataset import read_image, to_tensor
 from incdet.data.records import ImageRecord
 from incdet.model.builder import batch_transform
 
@@ -101,10 +104,6 @@ def roi_features(model, records: Sequence[ImageRecord], batch_size: int, device,
                  output_size: int = 4,
                  progress: bool = False) -> dict[tuple[int, int], torch.Tensor]:
     """Per (image id, category id), the L2-normalised mean RoI feature of its boxes: (C,)."""
-    from torchvision.ops import MultiScaleRoIAlign
-    from tqdm import tqdm
-
-    from incdet.data.dataset import read_image, to_tensor
 
     model.eval()
     pooler = None

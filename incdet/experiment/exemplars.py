@@ -1,0 +1,84 @@
+"""The exemplar memory around a step: herding the step's images into the memory after training
+(:func:`select_memory`; :mod:`incdet.train.memory` has the rules), End-to-End Incremental
+Learning's balanced fine-tuning on it, and the memory of a step trained without one."""
+import copy
+from pathlib import Path
+
+from incdet.base.devices import resolve_device
+from incdet.base.errors import UserError
+from incdet.base.io import atomic_write_json
+from incdet.data.classes import ClassSpace
+from incdet.data.dataset import DetectionDataset, make_loader
+from incdet.data.records import filter_for_classes
+from incdet.data.transforms import build_train_transform
+from incdet.experiment import methods
+from incdet.experiment.loaders import load_experiment
+from incdet.model.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
+from incdet.train.engine import build_optimizer, build_scheduler, train
+from incdet.train.memory import Memory, build_memory, quotas, rank_classes, roi_features
+
+
+def select_memory(cfg: dict, model, records, previous: Memory | None, sc, device,
+                  progress: bool) -> Memory:
+    """Herd the step's training images per new class and update the memory (module
+    :mod:`incdet.train.memory` documents the rules)."""
+    mcfg = cfg["memory"]
+
+    quota = quotas(list(sc.seen), mcfg.get("budget"), mcfg.get("per_class"))
+    limit = max(quota[c] for c in sc.new)
+    feats = roi_features(model, records, int(cfg["eval"]["batch_size"]), device,
+                         int(mcfg["feature_size"]), progress)
+    rankings = rank_classes(feats, sc.new, mcfg["selection"], limit, int(cfg["train"]["seed"]))
+    return build_memory(previous, rankings, {r.id: r for r in records}, sc.new, sc.seen, mcfg)
+
+
+def balanced_finetune(cfg: dict, student, classes: ClassSpace, sc, memory: Memory, device,
+                      step_dir: Path, writer, progress: bool) -> None:
+    """End-to-End Incremental Learning's balanced fine-tuning: a short, low learning-rate
+    training on the class-balanced memory (old and new classes alike), distilling every class
+    from the model as it was before this stage."""
+    bcfg = cfg["memory"]["balanced_finetune"]
+    recs = [memory.records[i] for i in sorted(memory.records)]
+    spaces = [classes.labels(memory.label_spaces[i]) for i in sorted(memory.records)]
+    dataset = DetectionDataset(recs, classes.label_of, spaces,
+                               build_train_transform(cfg["augment"]))
+    tcfg = dict(cfg["train"], lr=float(cfg["train"]["lr"]) * float(bcfg["lr_scale"]),
+                warmup_iters=0)
+    loader = make_loader(dataset, int(tcfg["batch_size"]), shuffle=True, num_workers=0,
+                         seed=int(tcfg["seed"]) + 1000 + sc.step,
+                         drop_last=len(dataset) > int(tcfg["batch_size"]))
+    frozen = copy.deepcopy(student).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    plan = methods.Plan(sc.seen, tuple(classes.labels(sc.seen)), True, True, True)
+    criterion = methods.make_criterion(cfg, student, frozen, plan, classes, sc, distill_new=True)
+    optimizer = build_optimizer(student, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg, int(bcfg["iters"]))
+    bft_dir = step_dir / "balanced_finetune"
+    bft_dir.mkdir(exist_ok=True)
+    train(student, criterion, loader, optimizer, scheduler, tcfg, dict(cfg["loss"]["weights"]),
+          int(bcfg["iters"]), device, bft_dir, None, progress=progress)
+
+
+def write_memory(cfg: dict, t: int, work_dir: str | Path, progress: bool = True) -> Memory:
+    """Select and write ``step_<t>/memory.json`` for a completed step trained without a memory
+    (for example a step 0 shared by a variant that uses none). Returns the memory."""
+    step_dir = Path(work_dir) / f"step_{t}"
+    ckpt = load_checkpoint(step_dir / "checkpoint.pt")
+    train_set, _, classes = load_experiment(cfg, progress)
+    check_compatible(ckpt, step_dir / "checkpoint.pt", list(classes.order),
+                     [list(s) for s in classes.steps], t)
+    sc = classes.step(t)
+    previous = None
+    if t > 0:
+        prev_path = Path(work_dir) / f"step_{t - 1}" / "memory.json"
+        if not prev_path.is_file():
+            raise UserError(f"{prev_path}: missing; the memory of step {t} extends it")
+        previous = Memory.from_json(prev_path, cfg["data"]["root"])
+    device = resolve_device(cfg["train"]["device"])
+    model = model_from_checkpoint(ckpt, cfg, step_dir / "checkpoint.pt").to(device)
+    records = filter_for_classes(train_set.records, sc.new)
+    memory = select_memory(cfg, model, records, previous, sc, device, progress)
+    atomic_write_json(step_dir / "memory.json",
+                      memory.to_json(cfg["data"]["root"], train_set.categories, t))
+    return memory
