@@ -14,7 +14,7 @@ from incdet.tools.cli import main_guard
 
 # the tools installed as console scripts ``incdet-<name with dashes>`` (setup.cfg lists them)
 CONSOLE = ("train_step", "run_protocol", "evaluate", "infer", "export", "import_detector",
-           "summarize", "make_dataset")
+           "merge", "summarize", "make_dataset")
 
 
 def _entry(name: str) -> Callable[[], int]:
@@ -32,5 +32,6 @@ evaluate = _entry("evaluate")
 infer = _entry("infer")
 export = _entry("export")
 import_detector = _entry("import_detector")
+merge = _entry("merge")
 summarize = _entry("summarize")
 make_dataset = _entry("make_dataset")

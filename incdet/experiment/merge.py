@@ -1,0 +1,327 @@
+"""One detector out of several: teachers distilled into one student (``tools/merge.py``).
+
+:func:`merge` reads the teachers (any step folders or checkpoints: every method, ``branch`` and
+imported detectors included), builds their class space, trains a student on a transfer set with
+:class:`~incdet.train.merging.MergeCriterion` and writes an ordinary step folder
+(``checkpoint.pt``, ``config.yaml``, ``metrics.json``), so the merged model can be evaluated,
+exported in every format (``state_dict`` included: it has one classification tower) and be the
+starting point of the next incremental step.
+
+* **Classes** (:func:`union_classes`): the union of the teachers' classes by category id. The
+  order is the first teacher's classes (its steps, in its order), then each further teacher's
+  classes not yet present (its steps, in its order); the merged model has one step per teacher
+  step that still has classes, and is step ``t = steps - 1``. A category id with two names is an
+  error. A class several teachers know is an error unless ``merge.overlap`` settles it:
+  ``first`` (the first teacher that knows it answers) or ``mean`` (the mean of their
+  probabilities).
+* **Student**: its layout comes from the config (default: the first teacher's model settings),
+  with one classification tower (a stock torchvision RetinaNet after export) and no per-step
+  caps. It starts from the first teacher's weights wherever names and shapes match (backbone,
+  FPN, towers, box subnet; a classifier when that teacher's step used tower 0), else as a step 0
+  would (``model.weights``, then random).
+* **Transfer set**: an image folder (no labels), or the config's training data: every image, its
+  boxes kept for the classes of the union it annotates; ``merge.transfer_step: t`` keeps step
+  ``t``'s images only (as that step trains: annotated for its classes); ``merge.labels: false``
+  drops every box (pure distillation).
+* **Budget**: ``merge.iters``, else the config's step budget for the union's classes
+  (``train.iters_per_class`` times their number, ``train.max_iters``, or ``train.epochs``).
+
+Nothing is written until the teachers, the classes and the transfer set have been checked.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from incdet.base.config import dump_config, strip_private, with_defaults
+from incdet.base.devices import resolve_device, seed_everything
+from incdet.base.errors import UserError, check_choice
+from incdet.base.io import atomic_write_json
+from incdet.data.classes import ClassSpace
+from incdet.data.dataset import DetectionDataset, make_loader
+from incdet.data.records import ImageRecord, filter_for_classes
+from incdet.data.transforms import build_train_transform
+from incdet.evaluation.coco_eval import METRIC_KEYS, evaluate_model, format_table
+from incdet.experiment.loaders import load_experiment
+from incdet.experiment.methods import step_iterations
+from incdet.model.builder import build_model, head_layout, head_towers
+from incdet.model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from incdet.train.engine import build_optimizer, build_scheduler, train
+from incdet.train.losses import DetectionLoss
+from incdet.train.merging import MergeCriterion, MergeTeacher
+
+log = logging.getLogger(__name__)
+
+OVERLAP_RULES = ("error", "first", "mean")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+@dataclass
+class Teacher:
+    """A trained step read for merging: its model (frozen, eval) and classes."""
+
+    source: str
+    ckpt: dict
+    cfg: dict
+    model: torch.nn.Module
+    ids: tuple[int, ...]  # category id of each output, in label order
+    names: dict[int, str]
+    steps: list[tuple[int, ...]]
+
+
+def load_teacher(spec: str | Path) -> Teacher:
+    """A teacher from a step folder or a checkpoint file."""
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    cfg = with_defaults(ckpt["config"])
+    model = model_from_checkpoint(ckpt, cfg, path)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n = sum(ckpt["head_layout"])
+    ids = tuple(int(c) for c in ckpt["class_order"][:n])
+    names = {int(k): str(v) for k, v in ckpt["names"].items() if int(k) in ids}
+    steps = [tuple(int(c) for c in s) for s in ckpt["steps"][:int(ckpt["step"]) + 1]]
+    return Teacher(str(path), ckpt, cfg, model, ids, names, steps)
+
+
+@dataclass
+class MergedClasses:
+    """The student's classes: ``steps`` (category ids per step, in label order), ``names``, and
+    per teacher the ``(student label, teacher label)`` pairs it answers for."""
+
+    steps: list[tuple[int, ...]]
+    names: dict[int, str]
+    answers: list[list[tuple[int, int]]]
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        return tuple(c for s in self.steps for c in s)
+
+    def categories(self) -> list[dict]:
+        return [{"id": c, "name": self.names[c]} for c in self.order]
+
+
+def union_classes(teachers: Sequence[tuple[str, Sequence[int], dict, Sequence[Sequence[int]]]],
+                  overlap: str = "error") -> MergedClasses:
+    """The union of the teachers' classes (module docstring). ``teachers``: per teacher
+    ``(name, category ids in label order, {id: name}, steps)``."""
+    check_choice("merge.overlap", overlap, OVERLAP_RULES)
+    names: dict[int, str] = {}
+    owner: dict[int, str] = {}
+    steps: list[tuple[int, ...]] = []
+    for name, ids, tnames, tsteps in teachers:
+        for cid in ids:
+            if cid in names and names[cid] != tnames[cid]:
+                raise UserError(f"category id {cid} is {names[cid]!r} in {owner[cid]} but "
+                                f"{tnames[cid]!r} in {name}: one id must name one class; give "
+                                "the teachers' classes distinct ids")
+            if cid in names and overlap == "error":
+                raise UserError(f"class {cid} ({tnames[cid]!r}) is known to {owner[cid]} and "
+                                f"{name}: say which answers with --overlap first (the first "
+                                "teacher) or --overlap mean (the mean of their probabilities)")
+        for step in tsteps:
+            new = tuple(c for c in step if c not in names)
+            if new:
+                steps.append(new)
+            for c in new:
+                names[c] = tnames[c]
+                owner[c] = name
+    label = {c: i for i, c in enumerate(c for s in steps for c in s)}
+    answers = []
+    for name, ids, _, _ in teachers:
+        answers.append([(label[c], j) for j, c in enumerate(ids)
+                        if overlap == "mean" or owner[c] == name])
+    return MergedClasses(steps, names, answers)
+
+
+def student_config(cfg: dict, merged: MergedClasses) -> dict:
+    """The merged step's config: ``cfg`` with the union's classes as its split and categories,
+    one classification tower, no per-step caps, and ``incdet`` for the steps that follow."""
+    out = copy.deepcopy(cfg)
+    out["split"] = [list(s) for s in merged.steps]
+    out["categories"] = merged.categories()
+    out["class_order"] = None
+    out["model"]["caps_per_step"] = False
+    out["incremental"]["method"] = "incdet"
+    return out
+
+
+def build_student(cfg: dict, merged: MergedClasses, first: Teacher) -> tuple:
+    """The student (module docstring), and how many of its tensors came from ``first``."""
+    model = build_model(cfg["model"], [len(s) for s in merged.steps], [0] * len(merged.steps))
+    own = model.state_dict()
+    theirs = first.ckpt["model"]
+    towers = first.ckpt.get("head_towers") or [0] * len(first.ckpt["head_layout"])
+    prefix = "head.classification_head.classifiers."
+    copied = {}
+    for key, value in own.items():
+        if key.startswith(prefix):
+            s = int(key[len(prefix):].split(".")[0])
+            if s >= len(towers) or towers[s] != 0 or \
+                    tuple(first.steps[s]) != tuple(merged.steps[s]):
+                continue
+        if key in theirs and theirs[key].shape == value.shape:
+            copied[key] = theirs[key]
+    model.load_state_dict(copied, strict=False)
+    return model, len(copied), len(own)
+
+
+def image_folder(folder: str | Path) -> list[ImageRecord]:
+    """Unlabelled records of every image in ``folder`` (sorted by name)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--images {folder}: not a folder of images")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise UserError(f"--images {folder}: no image ({', '.join(IMAGE_SUFFIXES)}) in it")
+    records = []
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                w, h = im.size
+        except OSError as e:
+            raise UserError(f"{p}: cannot read the image ({e})") from None
+        records.append(ImageRecord(i, str(p), w, h))
+    return records
+
+
+def transfer_set(cfg: dict, merged: MergedClasses, images: str | Path | None,
+                 train_set=None, data_classes: ClassSpace | None = None):
+    """The transfer set's records and label spaces (student label indices each image is
+    annotated for), and a description for metrics.json."""
+    mcfg = cfg["merge"]
+    label_of = {c: i for i, c in enumerate(merged.order)}
+    if images is not None:
+        records = image_folder(images)
+        return records, [[] for _ in records], {"images": str(images), "labels": False}
+    step = mcfg.get("transfer_step")
+    if step is not None:
+        if not 0 <= int(step) < data_classes.num_steps:
+            raise UserError(f"merge.transfer_step: {step} is not a step of the config's split "
+                            f"(0..{data_classes.num_steps - 1})")
+        annotated = [c for c in data_classes.step(int(step)).new if c in label_of]
+        records = filter_for_classes(train_set.records, data_classes.step(int(step)).new)
+    else:
+        have = {int(c["id"]) for c in train_set.categories}
+        annotated = [c for c in merged.order if c in have]
+        records = [_keep_classes(r, annotated) for r in train_set.records]
+    if not records:
+        raise UserError(f"{train_set.source}: the transfer set is empty (merge.transfer_step: "
+                        f"{step})")
+    if not mcfg["labels"]:
+        records = [_keep_classes(r, []) for r in records]
+        annotated = []
+    space = sorted(label_of[c] for c in annotated)
+    return records, [space] * len(records), {"images": train_set.source, "step": step,
+                                             "labels": bool(annotated)}
+
+
+def _keep_classes(rec: ImageRecord, ids: Sequence[int]) -> ImageRecord:
+    keep = [i for i, c in enumerate(rec.category_ids.tolist())
+            if c in set(ids) and not rec.iscrowd[i]]
+    return ImageRecord(rec.id, rec.path, rec.width, rec.height, rec.boxes[keep],
+                       rec.category_ids[keep], rec.iscrowd[keep])
+
+
+def merge(teacher_specs: Sequence[str | Path], work_dir: str | Path, cfg: dict | None = None,
+          images: str | Path | None = None, force: bool = False, progress: bool = True,
+          evaluate: bool = True) -> dict:
+    """Distil ``teacher_specs`` into one student and write ``work_dir/step_<t>/`` (module
+    docstring); returns its metrics. ``cfg``: the student's layout, training settings, data and
+    ``merge`` section (default: the first teacher's saved config)."""
+    if not teacher_specs:
+        raise UserError("give at least one --teacher")
+    teachers = [load_teacher(s) for s in teacher_specs]
+    cfg = copy.deepcopy(cfg) if cfg is not None else copy.deepcopy(teachers[0].cfg)
+    mcfg = cfg["merge"]
+    merged = union_classes([(t.source, t.ids, t.names, t.steps) for t in teachers],
+                           mcfg["overlap"])
+    t = len(merged.steps) - 1
+    step_dir = Path(work_dir) / f"step_{t}"
+    if (step_dir / "metrics.json").is_file() and not force:
+        raise UserError(f"{step_dir}: already exists; use another --work-dir or --force")
+    scfg = student_config(cfg, merged)
+    train_set = val_set = data_classes = None
+    try:
+        train_set, val_set, data_classes = load_experiment(cfg, progress)
+    except UserError as e:
+        if images is None:
+            raise
+        log.warning("no evaluation and no labelled data: %s", e)
+    records, spaces, transfer = transfer_set(scfg, merged, images, train_set, data_classes)
+
+    tcfg = scfg["train"]
+    if tcfg.get("threads"):
+        torch.set_num_threads(int(tcfg["threads"]))
+    device = resolve_device(tcfg["device"])
+    seed_everything(int(tcfg["seed"]))
+    student, copied, total = build_student(scfg, merged, teachers[0])
+    log.info("student: %d of %d tensors from %s", copied, total, teachers[0].source)
+    student = student.to(device).train()
+    label_of = {c: i for i, c in enumerate(merged.order)}
+    for tch in teachers:
+        tch.model.to(device)
+    merge_teachers = [MergeTeacher(tch.model, [s for s, _ in ans], [j for _, j in ans],
+                                   tch.source) for tch, ans in zip(teachers, merged.answers)]
+    detection = DetectionLoss(scfg["loss"], student.box_coder, student.proposal_matcher) \
+        if transfer["labels"] else None
+    criterion = MergeCriterion(student, merge_teachers, len(merged.order), mcfg, detection)
+    dataset = DetectionDataset(records, label_of, spaces, build_train_transform(scfg["augment"]))
+    bs = int(tcfg["batch_size"])
+    loader = make_loader(dataset, bs, shuffle=True, num_workers=0, seed=int(tcfg["seed"]),
+                         drop_last=len(dataset) > bs, device=device)
+    iters = int(mcfg["iters"] or step_iterations(scfg, len(records), len(merged.order)))
+    optimizer = build_optimizer(student, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg, iters)
+    weights = dict(scfg["loss"]["weights"])
+    step_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(scfg, step_dir / "config.yaml")
+    result = train(student, criterion, loader, optimizer, scheduler, tcfg, weights, iters, device,
+                   step_dir, None, progress=progress)
+    student.eval()
+
+    groups = {"old": tuple(c for s in merged.steps[:-1] for c in s),
+              "new": tuple(merged.steps[-1]), "all": merged.order}
+    groups.update({f"step_{s}": g for s, g in enumerate(merged.steps)})
+    if evaluate and val_set is not None:
+        in_val = {int(c["id"]) for c in val_set.categories}
+        order = [c for c in merged.order if c in in_val]
+        groups = {k: tuple(c for c in g if c in in_val) for k, g in groups.items()}
+        evaluation = evaluate_model(student, val_set.records, val_set.categories, order, groups,
+                                    int(scfg["eval"]["batch_size"]), device, progress=progress)
+        log.info("merged model evaluation:\n%s", format_table(evaluation, merged.names))
+    else:
+        evaluation = {"groups": {k: {m: None for m in METRIC_KEYS} for k in groups},
+                      "per_class_ap": {str(c): None for c in merged.order}}
+    history = [{"step": t, "groups": {k: v["AP"] for k, v in evaluation["groups"].items()
+                                      if k.startswith("step_")}}]
+    metrics = {
+        "step": t, "method": "merge",
+        "classes": {"old": list(groups["old"]), "new": list(merged.steps[-1])},
+        "map": {k: evaluation["groups"][k] for k in ("old", "new", "all")},
+        "groups": {k: v for k, v in evaluation["groups"].items() if k.startswith("step_")},
+        "per_class_ap": evaluation["per_class_ap"], "forgetting": {},
+        "train": {"seconds": round(result.seconds, 2), "iterations": result.iterations,
+                  "images_per_second": round(result.images_per_second, 2),
+                  "images": len(records)},
+        "merge": {"teachers": [tch.source for tch in teachers],
+                  "answers": [[merged.order[s] for s, _ in ans] for ans in merged.answers],
+                  "overlap": mcfg["overlap"], "transfer": transfer,
+                  "student_from_first_teacher": f"{copied}/{total} tensors"},
+    }
+    save_checkpoint(step_dir / "checkpoint.pt", {
+        "step": t, "class_order": list(merged.order), "steps": [list(s) for s in merged.steps],
+        "names": {str(c): n for c, n in merged.names.items()},
+        "head_layout": head_layout(student), "head_towers": head_towers(student),
+        "config": strip_private(scfg), "method": "merge", "model": student.state_dict(),
+        "history": history, "train_state": None})
+    atomic_write_json(step_dir / "metrics.json", metrics)  # last: the step is complete
+    return metrics
