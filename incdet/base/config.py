@@ -34,6 +34,11 @@ DEFAULTS: dict[str, Any] = {
         "synthetic": {"generate": True, "num_train": 2000, "num_val": 300, "image_size": 128,
                       "seed": 0},
         "val_max_images": None,  # evaluate on the first N validation images only (null: all)
+        # every training image belongs to one step only (no image is trained at two steps): an
+        # image with classes of several steps goes to one of them, drawn uniformly from its
+        # image id (design.md, "Disjoint steps"); false: the standard protocol, where it is
+        # trained at each of its steps. joint at step t: every image of steps 0..t, all boxes
+        "disjoint_steps": False,
     },
     "split": "5+5",  # "40+40", "40+10x4", or a list of steps (lists of category ids or names)
     "class_order": None,  # null: ascending category id; or a list of ids / names

@@ -9,7 +9,7 @@ from incdet.base.errors import UserError
 from incdet.base.io import atomic_write_json
 from incdet.data.classes import ClassSpace
 from incdet.data.dataset import DetectionDataset, make_loader
-from incdet.data.records import filter_for_classes
+from incdet.data.disjoint import training_records
 from incdet.data.transforms import build_train_transform
 from incdet.experiment import methods
 from incdet.experiment.loaders import load_experiment
@@ -77,7 +77,8 @@ def write_memory(cfg: dict, t: int, work_dir: str | Path, progress: bool = True)
         previous = Memory.from_json(prev_path, cfg["data"]["root"])
     device = resolve_device(cfg["train"]["device"])
     model = model_from_checkpoint(ckpt, cfg, step_dir / "checkpoint.pt").to(device)
-    records = filter_for_classes(train_set.records, sc.new)
+    records = training_records(train_set.records, classes.steps, sc.new,
+                               cfg["data"]["disjoint_steps"])  # the images step t trained on
     memory = select_memory(cfg, model, records, previous, sc, device, progress)
     atomic_write_json(step_dir / "memory.json",
                       memory.to_json(cfg["data"]["root"], train_set.categories, t))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from incdet.base import distributed as dist
 from incdet.base.errors import UserError, check_choice
 from incdet.data.classes import ClassSpace, StepClasses
-from incdet.data.records import filter_for_classes
+from incdet.data.disjoint import training_records
 from incdet.data.sampler import replay_counts
 from incdet.model.builder import (
     build_model,
@@ -90,8 +90,11 @@ def training_budget(cfg: dict, classes: ClassSpace, records, t: int, batches: in
 
 
 def incremental_iterations(cfg: dict, classes: ClassSpace, records, t: int) -> int:
-    """The iterations an incremental run spends on steps ``0..t`` together."""
-    return sum(step_iterations(cfg, len(filter_for_classes(records, classes.steps[s])),
+    """The iterations an incremental run spends on steps ``0..t`` together (each step's images
+    counted as it trains on them: with ``data.disjoint_steps``, only those it owns)."""
+    disjoint = cfg["data"]["disjoint_steps"]
+    return sum(step_iterations(cfg, len(training_records(records, classes.steps,
+                                                         classes.steps[s], disjoint)),
                                len(classes.steps[s])) for s in range(t + 1))
 
 

@@ -3,9 +3,12 @@
 ``summary.json``::
 
     {"config": path, "split": "5+5", "methods": {method: [metrics.json of step 0, 1, ...]},
+     "protocol": "standard" | "disjoint" | {method: protocol} (when the methods differ),
      "final_ap": {method: AP}, "ratio_to_joint": {method: AP / joint AP},
      "joint_reference": how joint was trained (equal compute by default)}
 
+``report.md`` says which protocol ran (``data.disjoint_steps``; design.md, "Disjoint steps")
+under its title.
 ``report.md`` has one table row per method and step (AP / AP50 / AP75 of old, new and all seen
 classes, mean forgetting, training time and images/s) and the final ratios to ``joint``.
 Plots: ``ap_over_steps.png`` (all-classes AP, solid, and old-class AP, dashed, per method) and
@@ -32,10 +35,37 @@ def _mean_forgetting(m: dict):
     return sum(vals) / len(vals) if vals else None
 
 
+PROTOCOLS = {
+    "standard": "standard (an image with classes of several steps is trained at each of those "
+                "steps, annotated for that step's classes)",
+    "disjoint": "disjoint steps (data.disjoint_steps: every training image belongs to one step "
+                "only; joint trains on all the images and boxes of steps 0..t)",
+}
+
+
+def protocol_of(results: dict[str, list[dict]]):
+    """Which protocol the steps ran: ``"standard"``, ``"disjoint"``, or ``{method: protocol}``
+    when the methods differ (metrics written before ``data.disjoint_steps`` are standard)."""
+    per = {name: sorted({m.get("protocol", "standard") for m in steps})
+           for name, steps in results.items() if steps}
+    found = {p for ps in per.values() for p in ps}
+    if len(found) == 1:
+        return found.pop()
+    return {name: "+".join(ps) for name, ps in per.items()}
+
+
+def protocol_text(protocol) -> str:
+    """The protocol of :func:`protocol_of`, in words."""
+    if isinstance(protocol, dict):
+        return "differs between methods: " + ", ".join(f"{n} {p}" for n, p in protocol.items())
+    return PROTOCOLS.get(protocol, protocol)
+
+
 def build_summary(results: dict[str, list[dict]], config: str | None = None,
                   split=None) -> dict:
     final = {name: steps[-1]["map"]["all"]["AP"] for name, steps in results.items() if steps}
-    out = {"config": config, "split": split, "methods": results, "final_ap": final}
+    out = {"config": config, "split": split, "methods": results,
+           "protocol": protocol_of(results), "final_ap": final}
     joint = final.get("joint")
     if joint and results["joint"][-1].get("joint_budget", "equal") == "step":
         # a one-step joint is weaker than the incremental run: no ratio is printed against it
@@ -90,6 +120,8 @@ def table(summary: dict, markdown: bool = False) -> str:
     elif "joint" not in summary["methods"]:
         lines += ["", "no ratio to joint: joint (the upper bound: trained from scratch on every "
                   "class with the run's total compute) is not among the methods"]
+    if "protocol" in summary:
+        lines += ["", f"protocol: {protocol_text(summary['protocol'])}"]
     return "\n".join(lines)
 
 
@@ -278,7 +310,8 @@ def write_report(results: dict[str, list[dict]], work_dir: str | Path, names: di
         pictures = ["", "![detections of each method after the last step](detections.png)"]
     steps = steps_table("", {m: [s] for m, s in results.items()})
     lines = [f"# incdet protocol report: {config or ''} (split {split})", "",
-             table(summary, markdown=True), "",
+             f"Protocol: {protocol_text(summary['protocol'])}.", "",
+             table({k: v for k, v in summary.items() if k != "protocol"}, markdown=True), "",
              "Forgetting: mean over earlier steps of (their AP when learned − their AP now).", "",
              *(steps + [""] if max(map(len, results.values()), default=0) > 2 else []),
              "![AP over steps](ap_over_steps.png)", "", "![per-class AP](per_class_ap.png)",

@@ -21,7 +21,7 @@ from incdet.base.devices import resolve_device, seed_everything
 from incdet.base.errors import UserError
 from incdet.base.io import atomic_write_json
 from incdet.data.classes import ClassSpace
-from incdet.data.records import filter_for_classes
+from incdet.data.disjoint import training_records
 from incdet.data.sampler import check_replay_mode
 from incdet.evaluation.coco_eval import evaluate_model, format_table
 from incdet.experiment import methods
@@ -159,7 +159,7 @@ class StepRun:
         if plan.uses_memory:  # a wrong setting fails now, not after the step has trained
             check_replay_mode(cfg["memory"]["replay_mode"])
         previous, prev_path = previous_checkpoint(work_dir, t, classes, plan)
-        records = step_records(train_set, plan, t)
+        records = step_records(train_set, plan, t, classes, cfg["data"]["disjoint_steps"])
         memory = previous_memory(cfg, work_dir, t, plan)
         loader = train_loader(cfg, classes, records, plan.label_space, memory, seed=t,
                               device=device)
@@ -280,6 +280,8 @@ class StepRun:
         metrics = {
             "step": t,
             "method": self.method,
+            # which images a step trains on: each at every step of its classes, or at one only
+            "protocol": "disjoint" if self.cfg["data"]["disjoint_steps"] else "standard",
             "classes": {"old": list(sc.old), "new": list(sc.new)},
             "map": {k: evaluation["groups"][k] for k in ("old", "new", "all")},
             "groups": {k: v for k, v in evaluation["groups"].items() if k.startswith("step_")},
@@ -379,12 +381,17 @@ def previous_checkpoint(work_dir: Path, t: int, classes: ClassSpace,
     return previous, prev_path
 
 
-def step_records(train_set, plan: methods.Plan, t: int) -> list:
-    """The step's training images: those with a box of the classes it trains on."""
-    records = filter_for_classes(train_set.records, plan.train_classes)
+def step_records(train_set, plan: methods.Plan, t: int, classes: ClassSpace,
+                 disjoint: bool = False) -> list:
+    """The step's training images: those with a box of the classes it trains on; with
+    ``disjoint`` (``data.disjoint_steps``) only those of the steps it trains (design.md,
+    "Disjoint steps")."""
+    records = training_records(train_set.records, classes.steps, plan.train_classes, disjoint)
     if not records:
         raise UserError(f"{train_set.source}: step {t} has no training image with a box of "
-                        f"its classes {list(plan.train_classes)}; check the split")
+                        f"its classes {list(plan.train_classes)}"
+                        + (" that belongs to it (data.disjoint_steps)" if disjoint else "")
+                        + "; check the split")
     return records
 
 

@@ -25,9 +25,11 @@ from incdet.experiment.methods import incremental_iterations
 from incdet.experiment.protocol import run_protocol
 from incdet.tools.cli import main_guard, setup_logging
 
-SECTIONS = ("throughput", "cost", "herding", "2step", "4step", "6step", "inference",
-            "pretrained", "gpu")
-PROTOCOLS = {"2step": "shapes_2step", "4step": "shapes_4step", "6step": "shapes_6step"}
+SECTIONS = ("throughput", "cost", "herding", "2step", "2step-disjoint", "4step", "6step",
+            "inference", "pretrained", "gpu")
+PROTOCOLS = {"2step": "shapes_2step", "4step": "shapes_4step", "6step": "shapes_6step",
+             # the 2step protocol with data.disjoint_steps: every training image in one step
+             "2step-disjoint": "shapes_2step_disjoint"}
 # the pretrained section's variants: step 1 from an imported step-0 detector, no memory
 PRETRAINED = {"branch": ["incremental.method=branch"], "incdet": ["incremental.method=incdet"],
               "incdet_pseudo": ["incremental.method=incdet", "incremental.pseudo_labels=true"],
@@ -237,6 +239,7 @@ def main(argv=None) -> int:
                 per_seed[seed] = r
             r = accuracy.over_seeds(per_seed)
             r["config"] = f"configs/{name}.yaml"
+            r["protocol"] = "disjoint" if cfg["data"]["disjoint_steps"] else "standard"
             for key, label in (("final_ap", "final AP (all classes)"),
                                ("ratio_to_joint", "ratio to equal-compute joint"),
                                ("step0_retention", "step-0 classes kept (AP last / at step 0)")):
