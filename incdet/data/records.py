@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -48,13 +48,16 @@ class CleanReport:
                 f"clipped {self.clipped} boxes to the image")
 
 
-def clean_boxes(boxes: np.ndarray, width: int, height: int,
+def clean_boxes(boxes: np.ndarray, width, height,
                 min_size: float = 1.0) -> tuple[np.ndarray, np.ndarray, CleanReport]:
     """Clip ``xyxy`` boxes to the image and drop those narrower or lower than ``min_size`` px.
 
-    Returns ``(clipped boxes, keep mask over the input, report)``.
+    ``width`` and ``height`` are the image's, or (N,) arrays of each box's image (boxes of many
+    images cleaned at once). Returns ``(clipped boxes, keep mask over the input, report)``.
     """
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if np.ndim(width):  # per box: (N, 1) against the (N, 2) x or y coordinates
+        width, height = np.reshape(width, (-1, 1)), np.reshape(height, (-1, 1))
     report = CleanReport()
     finite = np.isfinite(boxes).all(1)
     valid = finite & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
@@ -74,16 +77,28 @@ def filter_for_classes(records: Iterable[ImageRecord], class_ids: Sequence[int],
     """The training set of a step: images with at least one box of ``class_ids``, keeping only
     those boxes (objects of other classes in those images go unlabelled, the standard protocol).
     Crowd boxes are left out of training."""
+    records = list(records)
+    if not records:
+        return []
     wanted = np.asarray(sorted(class_ids), np.int64)
-    out = []
-    for rec in records:
-        keep = np.isin(rec.category_ids, wanted)
-        if drop_crowd:
-            keep &= ~rec.iscrowd
-        if keep.any():
-            out.append(replace(rec, boxes=rec.boxes[keep], category_ids=rec.category_ids[keep],
-                               iscrowd=rec.iscrowd[keep],
-                               areas=None if rec.areas is None else rec.areas[keep]))
+    # one membership test over every box of every record (COCO: 860,000 boxes), then a cut per
+    # record; records with nothing to keep are skipped without touching their arrays
+    counts = [len(rec.category_ids) for rec in records]
+    keep = np.isin(np.concatenate([rec.category_ids.reshape(-1) for rec in records]), wanted)
+    if drop_crowd:
+        keep &= ~np.concatenate([rec.iscrowd.reshape(-1) for rec in records])
+    ends = np.cumsum(counts).tolist()
+    kept = np.bincount(np.repeat(np.arange(len(records)), counts)[keep],
+                       minlength=len(records)).tolist()
+    out, start = [], 0
+    for rec, end, k in zip(records, ends, kept):
+        if k:
+            mask = keep[start:end]
+            out.append(ImageRecord(id=rec.id, path=rec.path, width=rec.width, height=rec.height,
+                                   boxes=rec.boxes[mask], category_ids=rec.category_ids[mask],
+                                   iscrowd=rec.iscrowd[mask],
+                                   areas=None if rec.areas is None else rec.areas[mask]))
+        start = end
     return out
 
 
