@@ -157,6 +157,9 @@ DEFAULTS: dict[str, Any] = {
         # each normalised by their own foreground anchors (the new classes' loss is not diluted)
         "replay_loss": "pooled",
         "feature_size": 4,  # RoIAlign output size for memory features
+        # at most N images per new class whose features the memory pass computes and ranks (a
+        # seeded random sample of the class's images; null: all). Bounds selection at COCO size
+        "candidates_per_class": None,
         # End-to-End Incremental Learning's balanced fine-tuning, after a step's main training
         "balanced_finetune": {"enabled": False, "iters": 100, "lr_scale": 0.1},
     },

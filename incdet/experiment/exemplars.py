@@ -1,8 +1,20 @@
 """The exemplar memory around a step: herding the step's images into the memory after training
 (:func:`select_memory`; :mod:`incdet.train.memory` has the rules), End-to-End Incremental
-Learning's balanced fine-tuning on it, and the memory of a step trained without one."""
+Learning's balanced fine-tuning on it, and the memory of a step trained without one.
+
+Candidates (``memory.candidates_per_class: N``)
+    By default every training image of the step is a candidate: its RoI features are computed and
+    each new class ranks all the images that hold it. With ``N``, each new class ``c`` draws at
+    most ``N`` of the images that hold it (:func:`candidate_ids`: a random sample without
+    replacement, seeded by ``train.seed + c``; a class with at most ``N``
+    images keeps them all), features are computed only for the union of those samples (at most
+    ``N x |new|`` images) and class ``c`` ranks only its own sample. The feature pass and the
+    ranking are then bounded whatever the dataset's size.
+"""
 import copy
 from pathlib import Path
+
+import numpy as np
 
 from incdet.base.devices import resolve_device
 from incdet.base.errors import UserError
@@ -18,17 +30,47 @@ from incdet.train.engine import build_optimizer, build_scheduler, train
 from incdet.train.memory import Memory, build_memory, quotas, rank_classes, roi_features
 
 
+def candidate_ids(records, class_ids, per_class: int | None, seed: int) -> dict[int, set[int]]:
+    """Per class of ``class_ids``, the ids of the images whose features it ranks: all the records
+    holding the class, or with ``per_class`` a seeded random sample of at most that many (see the
+    module docstring)."""
+    holding: dict[int, list[int]] = {c: [] for c in class_ids}
+    for rec in records:
+        for c in set(rec.category_ids.tolist()) & holding.keys():
+            holding[c].append(rec.id)
+    if per_class is None:
+        return {c: set(ids) for c, ids in holding.items()}
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise UserError(f"memory.candidates_per_class {per_class!r}: expected a positive number "
+                        "of images or null (all)")
+    out = {}
+    for c, ids in holding.items():
+        pick = np.random.default_rng(seed + c).permutation(len(ids))[:per_class]
+        out[c] = {ids[i] for i in pick}
+    return out
+
+
 def select_memory(cfg: dict, model, records, previous: Memory | None, sc, device,
                   progress: bool) -> Memory:
     """Herd the step's training images per new class and update the memory (module
-    :mod:`incdet.train.memory` documents the rules)."""
+    :mod:`incdet.train.memory` documents the rules; ``memory.candidates_per_class`` bounds the
+    images whose features are computed, see this module's docstring)."""
     mcfg = cfg["memory"]
 
     quota = quotas(list(sc.seen), mcfg.get("budget"), mcfg.get("per_class"))
     limit = max(quota[c] for c in sc.new)
-    feats = roi_features(model, records, int(cfg["eval"]["batch_size"]), device,
+    seed = int(cfg["train"]["seed"])
+    per_class = mcfg.get("candidates_per_class")
+    feats_of = records
+    if per_class is not None:
+        candidates = candidate_ids(records, sc.new, per_class, seed)
+        union = set().union(*candidates.values())
+        feats_of = [r for r in records if r.id in union]
+    feats = roi_features(model, feats_of, int(cfg["eval"]["batch_size"]), device,
                          int(mcfg["feature_size"]), progress)
-    rankings = rank_classes(feats, sc.new, mcfg["selection"], limit, int(cfg["train"]["seed"]))
+    if per_class is not None:  # each class ranks its own sample only
+        feats = {(i, c): v for (i, c), v in feats.items() if i in candidates.get(c, ())}
+    rankings = rank_classes(feats, sc.new, mcfg["selection"], limit, seed)
     return build_memory(previous, rankings, {r.id: r for r in records}, sc.new, sc.seen, mcfg)
 
 
