@@ -18,7 +18,7 @@ import torch
 
 from incdet.base.config import load_config
 from incdet.base.io import atomic_write_json
-from incdet.bench import accuracy, herding, inference, model_cost, pretrained, training_cost
+from incdet.bench import accuracy, herding, inference, model_cost, pretrained, scale, training_cost
 from incdet.bench.markdown import markdown
 from incdet.experiment.loaders import load_experiment
 from incdet.experiment.methods import incremental_iterations
@@ -26,7 +26,7 @@ from incdet.experiment.protocol import run_protocol
 from incdet.tools.cli import main_guard, setup_logging
 
 SECTIONS = ("throughput", "cost", "herding", "2step", "2step-disjoint", "4step", "6step",
-            "inference", "pretrained", "gpu")
+            "inference", "pretrained", "gpu", "scale")
 PROTOCOLS = {"2step": "shapes_2step", "4step": "shapes_4step", "6step": "shapes_6step",
              # the 2step protocol with data.disjoint_steps: every training image in one step
              "2step-disjoint": "shapes_2step_disjoint"}
@@ -143,6 +143,10 @@ def main(argv=None) -> int:
             print("[herding] " + ", ".join(f"{k} images ({v['pairs']} image-class pairs): "
                                            f"{v['seconds']:.2f}s" for k, v in r.items()))
             r["ratio_4n_to_n"] = r[4 * n]["seconds"] / r[n]["seconds"]
+        elif section == "scale":  # COCO-size bookkeeping and memory.candidates_per_class
+            r = scale.section(args.out, load_config("configs/shapes_2step.yaml", args.overrides),
+                              iters, repeats=1 if args.quick else 2, progress=progress)
+            print("\n".join(scale.summary(r)))
         elif section == "inference":
 
             two = Path(args.out) / f"shapes_2step_{iters}"
