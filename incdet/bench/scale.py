@@ -41,7 +41,14 @@ MEMORY_BUDGET = 2000  # configs/_coco_base.yaml
 
 
 def peak_gib() -> float:
-    """This process's peak resident memory so far, GiB (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident memory so far, GiB. On Linux from ``VmHWM``: ``ru_maxrss``
+    survives ``exec``, so a spawned process would report its parent's peak when larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
@@ -149,7 +156,7 @@ def bookkeeping(path: str, work_dir: str, candidates: int = 500) -> dict:
 
 
 def ranking_time(candidates: list[int], limit: int = 100, dim: int = 256, seed: int = 0,
-                 repeats: int = 2) -> dict:
+                 repeats: int = 3) -> dict:
     """Seconds for :func:`rank_classes` (herding) to rank ``limit`` images of one class among
     ``n`` candidates, for each ``n``, on random L2-normalised features of ``dim`` channels (the
     COCO preset's FPN width); best of ``repeats``."""
