@@ -10,11 +10,11 @@ images (ids sparse in 1..581,929, ``%012d.jpg`` file names, 640 px on the long s
 * classes per image: each image draws a small palette of classes (``1 + Poisson(3)`` draws, at
   most its box count) and its boxes take classes from the palette, so classes co-occur (2.4 distinct
   classes per image at the default size, 2.9 in COCO);
-* class frequencies: Zipf-like over a seeded order with ``person`` first (about a quarter of the
-  boxes, as in COCO; the rarest classes a few hundred boxes);
+* class frequencies: Zipf-like over a seeded order with ``person`` first (a third of the boxes;
+  COCO: 30 %), the rarest classes about 800 boxes (COCO: about 200);
 * box sizes: log-normal side and aspect ratio, about 41 / 35 / 24 % small / medium / large boxes
-  as in COCO; about 1 % crowd boxes; a polygon ``segmentation`` of
-  ``polygon_points`` vertices inscribed in the box (the bulk of a COCO file's bytes).
+  as in COCO; about 1 % crowd boxes; a polygon ``segmentation`` of ``polygon_points`` vertices
+  inscribed in the box (polygons are the bulk of a COCO file's bytes; COCO's have more points).
 
 Everything is vectorised with one NumPy generator: the default size builds in seconds.
 """
