@@ -24,7 +24,7 @@ from incdet.data.records import ImageRecord, filter_for_classes
 def _draw(image_id: int) -> float:
     """A number in [0, 1) fixed by the image id alone (no seed, no record order)."""
     digest = hashlib.blake2b(f"incdet-disjoint-steps:{image_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0 ** 64
+    return (int.from_bytes(digest, "big") >> 11) / 2.0 ** 53  # 53 bits: never rounds to 1.0
 
 
 def _step_classes(rec: ImageRecord, steps: Sequence[Sequence[int]]) -> dict[int, set[int]]:
