@@ -155,21 +155,25 @@ def student_config(cfg: dict, merged: MergedClasses) -> dict:
 
 
 def build_student(cfg: dict, merged: MergedClasses, first: Teacher) -> tuple:
-    """The student (module docstring), and how many of its tensors came from ``first``."""
+    """The student (module docstring), and how many of its tensors came from ``first``: all but
+    the classifiers of classes ``first`` does not have on tower 0 when the network (every tensor
+    outside the classifiers) has ``first``'s layout, else none."""
     model = build_model(cfg["model"], [len(s) for s in merged.steps], [0] * len(merged.steps))
     own = model.state_dict()
     theirs = first.ckpt["model"]
-    towers = first.ckpt.get("head_towers") or [0] * len(first.ckpt["head_layout"])
     prefix = "head.classification_head.classifiers."
-    copied = {}
+    network = {k: v for k, v in own.items() if not k.startswith(prefix)}
+    if any(k not in theirs or theirs[k].shape != v.shape for k, v in network.items()):
+        return model, 0, len(own)  # another layout (compression): trained as a step 0 is
+    towers = first.ckpt.get("head_towers") or [0] * len(first.ckpt["head_layout"])
+    copied = dict((k, theirs[k]) for k in network)
     for key, value in own.items():
         if key.startswith(prefix):
             s = int(key[len(prefix):].split(".")[0])
-            if s >= len(towers) or towers[s] != 0 or \
-                    tuple(first.steps[s]) != tuple(merged.steps[s]):
-                continue
-        if key in theirs and theirs[key].shape == value.shape:
-            copied[key] = theirs[key]
+            if s < len(towers) and towers[s] == 0 and \
+                    tuple(first.steps[s]) == tuple(merged.steps[s]) and \
+                    theirs.get(key) is not None and theirs[key].shape == value.shape:
+                copied[key] = theirs[key]
     model.load_state_dict(copied, strict=False)
     return model, len(copied), len(own)
 

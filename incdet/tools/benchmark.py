@@ -20,13 +20,14 @@ from incdet.base.config import load_config
 from incdet.base.io import atomic_write_json
 from incdet.bench import accuracy, herding, inference, model_cost, pretrained, scale, training_cost
 from incdet.bench.markdown import markdown
+from incdet.bench.merge import merge_benchmark
 from incdet.experiment.loaders import load_experiment
 from incdet.experiment.methods import incremental_iterations
 from incdet.experiment.protocol import run_protocol
 from incdet.tools.cli import main_guard, setup_logging
 
 SECTIONS = ("throughput", "cost", "herding", "2step", "2step-disjoint", "4step", "6step",
-            "inference", "pretrained", "gpu", "scale")
+            "inference", "pretrained", "gpu", "scale", "merge")
 PROTOCOLS = {"2step": "shapes_2step", "4step": "shapes_4step", "6step": "shapes_6step",
              # the 2step protocol with data.disjoint_steps: every training image in one step
              "2step-disjoint": "shapes_2step_disjoint"}
@@ -205,6 +206,20 @@ def main(argv=None) -> int:
             c = r["cost"]
             print(f"[pretrained] iteration branch / incdet: {c['branch_over_incdet']:.2f} "
                   f"({c['branch_s']:.3f}s vs {c['incdet_s']:.3f}s, batch {c['batch_size']})")
+        elif section == "merge":
+            cfg = load_config("configs/shapes_2step.yaml", args.overrides + budget)
+            r = merge_benchmark(cfg, f"{args.out}/merge_{budget_name}", progress)
+            c, k = r["consolidation"], r["compression"]
+            print(f"[merge] consolidation: branch AP {c['branch_ap']:.3f}, merged "
+                  f"{c['merged_ap']:.3f} ({c['ratio']:.3f} x), images/s "
+                  f"{c['branch_images_per_second']:.1f} -> {c['merged_images_per_second']:.1f}")
+            for name, m in r["merge_two"].items():
+                print(f"[merge] A + B ({name}): A {m['a_over_teacher_a']:.3f} x teacher A, B "
+                      f"{m['b_over_teacher_b']:.3f} x teacher B, all {m['all_ap']:.3f} "
+                      f"(incdet without memory {r['incdet_without_memory_ap']:.3f})")
+            print(f"[merge] compression: student {k['distilled_ap']:.3f} = "
+                  f"{k['distilled_over_labels_only']:.3f} x labels alone, "
+                  f"{k['distilled_over_teacher']:.3f} x teacher, {k['speedup']:.2f} x images/s")
         else:
             name = PROTOCOLS[section]
             variants = {}
@@ -250,7 +265,7 @@ def main(argv=None) -> int:
                 if key in r:
                     print(f"[{section}] {label}: " + ", ".join(
                         f"{m}={accuracy.spread_text(v)}" for m, v in r[key].items()))
-        protocol = section in PROTOCOLS
+        protocol = section in PROTOCOLS or section == "merge"
         r["iters_per_step"] = (iters if section in ("inference", "pretrained") or
                                (protocol and args.iters_per_class is None) else None)
         r["iters_per_class"] = args.iters_per_class if protocol else None
