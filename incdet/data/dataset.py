@@ -82,6 +82,13 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, seed:
     (``non_blocking``) do not make the host wait."""
     generator = torch.Generator()
     generator.manual_seed(seed)
+    # albumentations 2.x: a Compose draws from its own generators, seeded from OS entropy
+    # unless given a seed (global seeds do not reach it). Loader processes reseed their copy
+    # (worker_init_fn); without them the batches are augmented here, by this copy: seed it,
+    # or every process augments differently and training is not reproducible.
+    transform = getattr(dataset, "transform", None)
+    if num_workers == 0 and transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed % 2**32)
     common = {"num_workers": num_workers, "collate_fn": collate, "generator": generator,
               "persistent_workers": num_workers > 0,
               "pin_memory": device is not None and torch.device(device).type == "cuda"}
