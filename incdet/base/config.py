@@ -118,7 +118,8 @@ DEFAULTS: dict[str, Any] = {
         "threads": None,  # torch intra-op threads (null: torch's default)
         # CPU training: keep freed memory in the process instead of handing it back to the
         # system at every iteration (glibc's malloc; elsewhere nothing changes): about 8 % faster;
-        # off by default: with it a test's short training varied from run to run (benchmarks.md)
+        # off by default (benchmarks.md: the run-to-run spread first blamed on it was the
+        # unseeded augmentation)
         "keep_freed_memory": False,
         "device": "auto",  # auto | cpu | cuda | cuda:N (under torchrun: one GPU per process)
         # null | auto | bf16 | fp16: autocast mixed precision (fp16 on CUDA only; auto: bf16 on

@@ -229,8 +229,9 @@ def transfer_set(cfg: dict, merged: MergedClasses, images: str | Path | None,
 
 
 def _keep_classes(rec: ImageRecord, ids: Sequence[int]) -> ImageRecord:
+    wanted = set(ids)
     keep = [i for i, c in enumerate(rec.category_ids.tolist())
-            if c in set(ids) and not rec.iscrowd[i]]
+            if c in wanted and not rec.iscrowd[i]]
     return ImageRecord(rec.id, rec.path, rec.width, rec.height, rec.boxes[keep],
                        rec.category_ids[keep], rec.iscrowd[keep])
 
