@@ -19,7 +19,7 @@ EXPECTED_STEPS = {"coco_40+40": [40, 40], "coco_70+10": [70, 10],
                   "voc_15+1x5": [15, 1, 1, 1, 1, 1], "shapes_2step": [5, 5],
                   "shapes_4step": [4, 2, 2, 2], "shapes_6step": [5, 1, 1, 1, 1, 1],
                   "shapes_joint": [10],
-                  "shapes_demo": [5, 5]}
+                  "shapes_demo": [5, 5], "shapes_2step_disjoint": [5, 5]}
 
 
 def test_coco_list_is_the_2017_one():

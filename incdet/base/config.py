@@ -121,6 +121,10 @@ DEFAULTS: dict[str, Any] = {
         # off by default (benchmarks.md: the run-to-run spread first blamed on it was the
         # unseeded augmentation)
         "keep_freed_memory": False,
+        # torch.use_deterministic_algorithms (GPU: also cuBLAS workspace, no cuDNN benchmark):
+        # GPU runs bitwise repeatable, or an error naming an operator without a deterministic
+        # kernel; CPU training repeats without it (it costs there: new tensors are NaN-filled)
+        "deterministic": False,
         "device": "auto",  # auto | cpu | cuda | cuda:N (under torchrun: one GPU per process)
         # null | auto | bf16 | fp16: autocast mixed precision (fp16 on CUDA only; auto: bf16 on
         # a GPU that supports it, full precision elsewhere)

@@ -52,7 +52,7 @@ from incdet.experiment.loaders import load_experiment
 from incdet.experiment.methods import step_iterations
 from incdet.model.builder import build_model, head_layout, head_towers
 from incdet.model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from incdet.train.engine import build_optimizer, build_scheduler, train
+from incdet.train.engine import apply_deterministic, build_optimizer, build_scheduler, train
 from incdet.train.losses import DetectionLoss
 from incdet.train.merging import MergeCriterion, MergeTeacher
 
@@ -266,6 +266,7 @@ def merge(teacher_specs: Sequence[str | Path], work_dir: str | Path, cfg: dict |
     tcfg = scfg["train"]
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg["threads"]))
+    apply_deterministic(tcfg)
     device = resolve_device(tcfg["device"])
     seed_everything(int(tcfg["seed"]))
     student, copied, total = build_student(scfg, merged, teachers[0])

@@ -36,6 +36,7 @@ from incdet.model.checkpoint import (
     save_checkpoint,
 )
 from incdet.train.engine import (
+    apply_deterministic,
     apply_keep_freed_memory,
     build_optimizer,
     build_scheduler,
@@ -292,7 +293,8 @@ class StepRun:
                       "images_per_second": round(result.images_per_second, 2),
                       "images": len(self.loader.dataset),
                       **device_record(self.device, self.cfg["train"]),
-                      "keep_freed_memory": self.kept_memory},
+                      "keep_freed_memory": self.kept_memory,
+                      "deterministic": bool(self.cfg["train"].get("deterministic"))},
         }
         if self.method == "joint":  # which reference this is: equal compute (default) or one step
             metrics["joint_budget"] = self.cfg["incremental"].get("joint_budget", "equal")
@@ -355,10 +357,12 @@ def check_eval_schedule(cfg: dict) -> None:
 
 
 def setup_process(tcfg: dict, t: int) -> tuple[torch.device, bool]:
-    """Threads, the device (and process group), glibc's memory setting, peak-memory counters and
-    the step's seed. Returns the device and whether ``train.keep_freed_memory`` applied."""
+    """Threads, deterministic algorithms (``train.deterministic``), the device (and process
+    group), glibc's memory setting, peak-memory counters and the step's seed. Returns the device
+    and whether ``train.keep_freed_memory`` applied."""
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg["threads"]))
+    apply_deterministic(tcfg)
     device = resolve_device(dist.setup(tcfg["device"]))
     kept_memory = apply_keep_freed_memory(tcfg, device)
     reset_peak_memory(device)  # metrics.json reports this step's peak

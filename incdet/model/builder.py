@@ -42,6 +42,31 @@ from incdet.model.heads import IncrementalHead, norm_layer_for
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 
 
+def _conv_avoiding_width_1_bf16(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)``, in float32 when CPU autocast is on and ``x`` is one pixel wide or high:
+    there, torch 2.14's oneDNN weight gradient of a strided bf16 convolution reads memory it
+    never wrote (garbage or NaN, different at every call, even in one thread; 2 pixels or more,
+    float32, or without oneDNN it is correct). It hits P6 and P7 of small images (a 64 px image
+    has a 1x1 P6). Float32 for these small maps only: the gradient is correct and reproducible."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and min(x.shape[-2:]) == 1:
+        with torch.autocast("cpu", enabled=False):
+            return conv(x.float())
+    return conv(x)
+
+
+class _LastLevelP6P7(LastLevelP6P7):
+    """torchvision's ``LastLevelP6P7`` (same parameters, initialisation and state dict), its
+    convolutions through :func:`_conv_avoiding_width_1_bf16`."""
+
+    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]):
+        x = p[-1] if self.use_P5 else c[-1]
+        p6 = _conv_avoiding_width_1_bf16(self.p6, x)
+        p7 = _conv_avoiding_width_1_bf16(self.p7, torch.nn.functional.relu(p6))
+        p.extend([p6, p7])
+        names.extend(["p6", "p7"])
+        return p, names
+
+
 def resolve_weights(spec: str | None) -> dict | None:
     """A backbone state dict from a weights name (local torch cache only) or a file, or None."""
     if spec is None:
@@ -155,7 +180,7 @@ def build_backbone(mcfg: dict, from_checkpoint: bool = False) -> BackboneWithFPN
     p6_from = mcfg.get("p6_from", "p5")
     check_choice("model.p6_from", p6_from, ("p5", "c5"))
     # LastLevelP6P7 takes P5 when its input width equals the FPN's, else the last backbone map
-    extra = LastLevelP6P7(channels if p6_from == "p5" else in_channels[-1], channels)
+    extra = _LastLevelP6P7(channels if p6_from == "p5" else in_channels[-1], channels)
     if p6_from == "c5" and in_channels[-1] == channels:
         raise UserError(f"model.p6_from: 'c5' needs a last backbone stage wider than the FPN "
                         f"({in_channels[-1]} = model.fpn_channels); use 'p5'")

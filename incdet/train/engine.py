@@ -82,6 +82,18 @@ def apply_keep_freed_memory(tcfg: dict, device) -> bool:
         keep_freed_memory()
 
 
+def apply_deterministic(tcfg: dict) -> bool:
+    """``train.deterministic``: torch's deterministic algorithms for the rest of the process
+    (an operator without one raises), cuBLAS's fixed workspace (before its first use) and no
+    cuDNN autotuning. Returns whether it applied."""
+    if not tcfg.get("deterministic"):
+        return False
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    return True
+
+
 def resolve_num_workers(value) -> int:
     """``train.num_workers``: a count, or ``auto``: the CPU cores this process may use (divided
     among the processes of a torchrun launch on this machine), one left for the training loop,
