@@ -42,6 +42,7 @@ from incdet.model.heads import IncrementalHead, norm_layer_for
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 
 
+@torch.jit.unused
 def _conv_avoiding_width_1_bf16(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``conv(x)``, in float32 when CPU autocast is on and ``x`` is one pixel wide or high:
     there, torch 2.14's oneDNN weight gradient of a strided bf16 convolution reads memory it
@@ -60,8 +61,12 @@ class _LastLevelP6P7(LastLevelP6P7):
 
     def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]):
         x = p[-1] if self.use_P5 else c[-1]
-        p6 = _conv_avoiding_width_1_bf16(self.p6, x)
-        p7 = _conv_avoiding_width_1_bf16(self.p7, torch.nn.functional.relu(p6))
+        if torch.jit.is_scripting():  # exported models: torchvision's computation
+            p6 = self.p6(x)
+            p7 = self.p7(torch.nn.functional.relu(p6))
+        else:
+            p6 = _conv_avoiding_width_1_bf16(self.p6, x)
+            p7 = _conv_avoiding_width_1_bf16(self.p7, torch.nn.functional.relu(p6))
         p.extend([p6, p7])
         names.extend(["p6", "p7"])
         return p, names
