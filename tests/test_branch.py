@@ -15,16 +15,16 @@ from incdet.experiment.loaders import load_experiment
 from incdet.experiment.step import run_step
 from incdet.model.builder import IncrementalRetinaNet, build_model, grow_model
 from incdet.model.checkpoint import load_checkpoint, model_from_checkpoint
-from incdet.model.heads import IncrementalClassificationHead
+from incdet.model.heads import IncrementalClassificationHead, IncrementalHead
 from incdet.model.torchvision import BranchedClassificationHead
 
 SIZES = ((64, 64), (48, 80))
 
 
-@pytest.fixture(scope="module")
-def branched(tiny_dataset, tmp_path_factory):
-    """Step 0 (5 classes), then a branch step (5 more); every detection kept (score_thresh 0)
-    and few per image, so that the caps bind."""
+@pytest.fixture(scope="module", params=["tower", "fpn"])
+def branched(tiny_dataset, tmp_path_factory, request):
+    """Step 0 (5 classes), then a branch step (5 more; its own tower, or its own tower and FPN
+    copy); every detection kept (score_thresh 0) and few per image, so that the caps bind."""
     tmp = tmp_path_factory.mktemp("branch")
     path = tmp / "tiny.yaml"
     path.write_text(f"""
@@ -33,7 +33,7 @@ split: "5+5"
 model: {{min_size: 64, max_size: 64, fpn_channels: 16, head_convs: 1, score_thresh: 0.0,
         detections_per_img: 20, topk_candidates: 50}}
 train: {{max_iters: 3, batch_size: 4, num_workers: 0, warmup_iters: 1, lr: 0.005}}
-incremental: {{method: branch}}
+incremental: {{method: branch, branch_from: {request.param}}}
 memory: {{budget: 0}}
 """)
     cfg = load_config(path)
@@ -65,17 +65,45 @@ def test_a_tower_per_branch_step_and_old_logits_bit_identical():
         IncrementalClassificationHead(16, 3, [4, 3], towers=[0, 2])
 
 
+def test_a_tower_on_its_own_fpn_reads_its_channels_only():
+    """With an FPN copy the backbone's maps hold both FPNs (FPN 0 first): the old tower and the
+    box subnet read FPN 0's channels, so changing the copy's features moves new logits only."""
+    torch.manual_seed(0)
+    head = IncrementalHead(16, 3, [4, 3], num_convs=1, towers=[0, 1], fpns=[0, 1]).eval()
+    assert head.classification_head.fpn_of_tower == [0, 1]
+    own = [torch.randn(2, 16, 8, 8), torch.randn(2, 16, 4, 4)]
+    copy_a = [torch.randn_like(f) for f in own]
+    copy_b = [torch.randn_like(f) for f in own]
+    with torch.no_grad():
+        single = head(own)
+        a = head([torch.cat([f, g], 1) for f, g in zip(own, copy_a)])
+        b = head([torch.cat([f, g], 1) for f, g in zip(own, copy_b)])
+    assert torch.equal(a["cls_logits"][..., :4], single["cls_logits"][..., :4])
+    assert torch.equal(a["cls_logits"][..., :4], b["cls_logits"][..., :4])
+    assert not torch.equal(a["cls_logits"][..., 4:], b["cls_logits"][..., 4:])
+    assert torch.equal(a["bbox_regression"], single["bbox_regression"])
+    with pytest.raises(ValueError, match="tower 0 reads FPN 0"):
+        IncrementalClassificationHead(16, 3, [4, 3], towers=[0, 1], fpns=[0, 2])
+
+
 def test_branch_trains_only_its_tower_and_classifier(branched):
     cfg, work, _, _ = branched
     before = load_checkpoint(work / "step_0" / "checkpoint.pt")["model"]
     after = load_checkpoint(work / "step_1" / "checkpoint.pt")
     assert after["head_towers"] == [0, 1] and after["head_layout"] == [5, 5]
+    fpn = cfg["incremental"]["branch_from"] == "fpn"
+    assert after["head_fpns"] == ([0, 1] if fpn else [0, 0])
     state = after["model"]
     for key, value in before.items():  # backbone (BN statistics too), FPN, box head, tower 0
         assert torch.equal(state[key], value), key
-    changed = [k for k in state if k not in before and "branches.0" in k
+    changed = [k for k in state if k not in before and "classification_head.branches.0" in k
                and not torch.equal(state[k], state[k.replace("branches.0", "conv")])]
     assert changed  # the branch's own tower trained away from its copy
+    copies = [k for k in state if k not in before and "fpn_branches.0" in k]
+    assert bool(copies) == fpn  # the FPN copy exists with branch_from: fpn only, and trained
+    assert all(k.replace("fpn_branches.0", "fpn") in before for k in copies)
+    assert not fpn or any(not torch.equal(state[k], before[k.replace("fpn_branches.0", "fpn")])
+                          for k in copies)
 
 
 def test_branch_old_logits_and_detections_equal_the_previous_model(branched):

@@ -139,6 +139,9 @@ DEFAULTS: dict[str, Any] = {
     "eval": {"batch_size": 16, "every_iters": None},
     "incremental": {
         "method": "incdet",  # incdet | finetune | joint | branch
+        # branch: what the new classes get of their own: tower (a classification tower, reading
+        # the shared FPN) | fpn (a tower and a copy of the FPN: more to learn with, and more cost)
+        "branch_from": "tower",
         # joint's budget at step t: equal (the sum of the incremental run's step budgets up to t:
         # equal compute, the upper bound) | step (one step's budget: a weaker reference)
         "joint_budget": "equal",

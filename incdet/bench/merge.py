@@ -3,8 +3,9 @@
 On a 5 + 5 split of the built-in data (``configs/shapes_2step.yaml``), at one budget for every
 run (``iters_per_class`` per class a step adds; every merge trains for one step's budget):
 
-1. a protocol run: ``branch`` (5 + 5), ``incdet`` without memory, and the equal-compute ``joint``
-   on all 10 classes, from one shared step 0 (classes A);
+1. a protocol run: ``branch`` (5 + 5), ``branch`` with ``branch_from: fpn``, ``incdet``
+   without memory, and the equal-compute ``joint`` on all 10 classes, from one shared step 0
+   (classes A);
 2. teacher B: a detector trained apart, on the images of classes B alone (their boxes only);
 3. **consolidation**: the ``branch`` model merged into one stock RetinaNet using only step 1's
    images (their B boxes);
@@ -14,6 +15,9 @@ run (``iters_per_class`` per class a step adds; every merge trains for one step'
    training images, against the same student trained on the labels alone for as many
    iterations;
 6. images/s at inference of the models compared, measured side by side (rounds alternate).
+
+``branch_from: fpn``'s new-class AP is compared with ``incdet``'s (goal: >= 0.7 x), its old
+classes with step 0's (the same detections, so the same AP).
 
 Every folder is kept under the output folder; a rerun skips what is complete.
 """
@@ -38,6 +42,8 @@ from incdet.experiment.step import run_step
 # the compressed student: half the backbone's channels, a narrower FPN, one conv per head tower
 STUDENT = ["model.width_mult=0.5", "model.fpn_channels=32", "model.head_convs=1"]
 VARIANTS = {"branch": ["incremental.method=branch", "memory.budget=0"],
+            "branch_fpn": ["incremental.method=branch", "incremental.branch_from=fpn",
+                           "memory.budget=0"],
             "incdet": ["incremental.method=incdet", "memory.budget=0"],
             "joint": ["incremental.method=joint", "memory.budget=0"]}
 
@@ -114,6 +120,7 @@ def merge_benchmark(cfg: dict, work_dir: str | Path, progress: bool = True,
     speed_records = val_set.records[:speed_images]
     speed = images_per_second({
         "branch": protocol / "branch" / "step_1" / "checkpoint.pt",
+        "branch_fpn": protocol / "branch_fpn" / "step_1" / "checkpoint.pt",
         "consolidated": next((work / "consolidated").glob("step_*/checkpoint.pt")),
         "joint": protocol / "joint" / "step_1" / "checkpoint.pt",
         "compressed": next((work / "compressed").glob("step_*/checkpoint.pt")),
@@ -147,6 +154,15 @@ def merge_benchmark(cfg: dict, work_dir: str | Path, progress: bool = True,
             "student_images_per_second": speed["compressed"],
             "speedup": speed["compressed"] / speed["joint"],
             "student": STUDENT,
+        },
+        "branch_from_fpn": {
+            "new_ap": ap(runs["branch_fpn"][1], "new"), "old_ap": ap(runs["branch_fpn"][1], "old"),
+            "tower_new_ap": ap(branch, "new"), "tower_old_ap": ap(branch, "old"),
+            "incdet_new_ap": ap(incdet, "new"), "step0_ap": ap(step0, "new"),
+            "new_over_incdet": ap(runs["branch_fpn"][1], "new") / ap(incdet, "new"),
+            "tower_new_over_incdet": ap(branch, "new") / ap(incdet, "new"),
+            "images_per_second": speed["branch_fpn"],
+            "tower_images_per_second": speed["branch"],
         },
         "incdet_without_memory_ap": ap(incdet),
         "teachers": {"a_ap": ap(step0, "new"), "b_ap": ap(teacher_b, "new")},

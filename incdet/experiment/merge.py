@@ -50,7 +50,7 @@ from incdet.data.transforms import build_train_transform
 from incdet.evaluation.coco_eval import METRIC_KEYS, evaluate_model, format_table
 from incdet.experiment.loaders import load_experiment
 from incdet.experiment.methods import step_iterations
-from incdet.model.builder import build_model, head_layout, head_towers
+from incdet.model.builder import build_model, head_record
 from incdet.model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from incdet.train.engine import apply_deterministic, build_optimizer, build_scheduler, train
 from incdet.train.losses import DetectionLoss
@@ -326,8 +326,7 @@ def merge(teacher_specs: Sequence[str | Path], work_dir: str | Path, cfg: dict |
     save_checkpoint(step_dir / "checkpoint.pt", {
         "step": t, "class_order": list(merged.order), "steps": [list(s) for s in merged.steps],
         "names": {str(c): n for c, n in merged.names.items()},
-        "head_layout": head_layout(student), "head_towers": head_towers(student),
-        "config": strip_private(scfg), "method": "merge", "model": student.state_dict(),
-        "history": history, "train_state": None})
+        **head_record(student), "config": strip_private(scfg), "method": "merge",
+        "model": student.state_dict(), "history": history, "train_state": None})
     atomic_write_json(step_dir / "metrics.json", metrics)  # last: the step is complete
     return metrics

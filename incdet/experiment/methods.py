@@ -15,7 +15,11 @@
   earlier towers and classifiers, norm statistics) is frozen, so old-class logits are
   bit-identical to the previous model's on every input. The focal loss is masked to the new
   classes; no teacher, no memory, no old data. With ``model.caps_per_step`` (on by default for
-  ``branch``) old detections, and so old-class AP, stay exactly as they were.
+  ``branch``) old detections, and so old-class AP, stay exactly as they were. With
+  ``incremental.branch_from: fpn`` the new tower also reads a trainable copy of the latest FPN
+  (P3-P7 from the frozen backbone's features): the new classes get more to learn with; the old
+  towers still read the frozen FPN, so old outputs stay bit-identical, and inference pays one
+  FPN and one tower per such step.
 
 At step 0 all three train the same model on the step's classes.
 """
@@ -130,10 +134,14 @@ def build_student(cfg: dict, sc: StepClasses, plan: Plan, previous: dict | None,
         raise UserError(f"step {sc.step}: the previous step's checkpoint is required")
     model = model_of(cfg, previous, source)
     branch = cfg["incremental"]["method"] == "branch"
-    grow_model(model, len(sc.new), new_tower=branch)
+    branch_from = cfg["incremental"].get("branch_from", "tower")
+    check_choice("incremental.branch_from", branch_from, ("tower", "fpn"))
+    new_fpn = branch and branch_from == "fpn"
+    grow_model(model, len(sc.new), new_tower=branch, new_fpn=new_fpn)
     if branch:
         head = model.head.classification_head
-        freeze_all_but(model, [head.towers()[-1], head.classifiers[-1]])
+        own = [head.towers()[-1], head.classifiers[-1]]
+        freeze_all_but(model, own + ([model.backbone.fpn_branches[-1]] if new_fpn else []))
     return model
 
 

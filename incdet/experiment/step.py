@@ -28,7 +28,7 @@ from incdet.experiment import methods
 from incdet.experiment.evaluate import metric_groups
 from incdet.experiment.exemplars import balanced_finetune, select_memory
 from incdet.experiment.loaders import _shuffle_generator, load_experiment, train_loader
-from incdet.model.builder import head_layout, head_towers, keep_frozen_norms
+from incdet.model.builder import head_record, keep_frozen_norms
 from incdet.model.checkpoint import (
     check_compatible,
     load_checkpoint,
@@ -229,8 +229,7 @@ class StepRun:
                        "epoch": epoch, "torch_rng": torch.get_rng_state(),
                        "epoch_rng": position[0], "batches_done": position[1]}
         save_checkpoint(self.step_dir / "last.pt",
-                        dict(self.base, head_layout=head_layout(self.student),
-                             head_towers=head_towers(self.student),
+                        dict(self.base, **head_record(self.student),
                              model=self.student.state_dict(), history=[],
                              train_state=train_state))
 
@@ -312,8 +311,7 @@ class StepRun:
                                  "replayed_from_previous": 0 if self.memory is None
                                  else len(self.memory)}
         save_checkpoint(step_dir / "checkpoint.pt",
-                        dict(self.base, head_layout=head_layout(self.student),
-                             head_towers=head_towers(self.student),
+                        dict(self.base, **head_record(self.student),
                              model=self.student.state_dict(), history=history, train_state=None))
         atomic_write_json(step_dir / "metrics.json", metrics)
         if (step_dir / "last.pt").exists():

@@ -15,6 +15,7 @@ With ``model.caps_per_step`` the model is an :class:`IncrementalRetinaNet`, whos
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -70,6 +71,32 @@ class _LastLevelP6P7(LastLevelP6P7):
         p.extend([p6, p7])
         names.extend(["p6", "p7"])
         return p, names
+
+
+class IncrementalBackbone(BackboneWithFPN):
+    """torchvision's ``BackboneWithFPN`` (same modules and state dict) that can hold copies of
+    its FPN, ``fpn_branches`` (``incremental.branch_from: fpn``): each reads the same body
+    features, and the output concatenates every FPN's maps along channels, ``fpn`` first (one
+    tensor per level, so anchors and torchvision's ``RetinaNet.forward`` are unchanged; the
+    head picks its slices: :func:`incdet.model.heads.fpn_features`). Without copies it is
+    ``BackboneWithFPN`` exactly."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fpn_branches = nn.ModuleList()
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        body = self.body(x)
+        out = self.fpn(body)
+        if len(self.fpn_branches) == 0:
+            return out
+        outs = [out]
+        for fpn in self.fpn_branches:
+            outs.append(fpn(body))
+        merged: dict[str, Tensor] = OrderedDict()
+        for k in out.keys():
+            merged[k] = torch.cat([o[k] for o in outs], dim=1)
+        return merged
 
 
 def resolve_weights(spec: str | None) -> dict | None:
@@ -189,8 +216,8 @@ def build_backbone(mcfg: dict, from_checkpoint: bool = False) -> BackboneWithFPN
     if p6_from == "c5" and in_channels[-1] == channels:
         raise UserError(f"model.p6_from: 'c5' needs a last backbone stage wider than the FPN "
                         f"({in_channels[-1]} = model.fpn_channels); use 'p5'")
-    return BackboneWithFPN(body, return_layers, in_channels, channels, extra_blocks=extra,
-                           norm_layer=None if fpn_norm == "none" else norm_layer_for(fpn_norm))
+    return IncrementalBackbone(body, return_layers, in_channels, channels, extra_blocks=extra,
+                               norm_layer=None if fpn_norm == "none" else norm_layer_for(fpn_norm))
 
 
 def build_anchor_generator(mcfg: dict, num_levels: int) -> AnchorGenerator:
@@ -281,10 +308,12 @@ def caps_per_step(cfg: dict) -> bool:
 
 
 def build_model(mcfg: dict, classes_per_step: Sequence[int], towers: Sequence[int] | None = None,
-                per_step_caps: bool = False, from_checkpoint: bool = False) -> RetinaNet:
+                per_step_caps: bool = False, from_checkpoint: bool = False,
+                fpns: Sequence[int] | None = None) -> RetinaNet:
     """A RetinaNet predicting ``sum(classes_per_step)`` classes, head laid out per step.
 
     ``towers``: the classification tower of each step (``branch`` steps have their own);
+    ``fpns``: the FPN each tower reads (``branch_from: fpn`` towers have their own);
     ``per_step_caps``: an :class:`IncrementalRetinaNet`; ``from_checkpoint``: the caller loads
     trained weights (see :func:`build_backbone`)."""
     backbone = build_backbone(mcfg, from_checkpoint)
@@ -293,7 +322,9 @@ def build_model(mcfg: dict, classes_per_step: Sequence[int], towers: Sequence[in
     head = IncrementalHead(backbone.out_channels, anchors.num_anchors_per_location()[0],
                            classes_per_step, num_convs=int(mcfg["head_convs"]),
                            norm=mcfg["head_norm"], prior_probability=mcfg["prior_probability"],
-                           towers=towers)
+                           towers=towers, fpns=fpns)
+    for _ in range(head.classification_head.num_fpns - 1):
+        backbone.fpn_branches.append(copy.deepcopy(backbone.fpn))
     cls = IncrementalRetinaNet if per_step_caps else RetinaNet
     normalise = {k: mcfg[k] for k in ("image_mean", "image_std") if mcfg.get(k) is not None}
     model = cls(backbone, num_classes=sum(classes_per_step), min_size=mcfg["min_size"],
@@ -308,9 +339,15 @@ def build_model(mcfg: dict, classes_per_step: Sequence[int], towers: Sequence[in
     return model
 
 
-def grow_model(model: RetinaNet, num_new: int, new_tower: bool = False) -> None:
-    """Add ``num_new`` classes to the head (``new_tower``: on a tower of their own)."""
-    model.head.classification_head.grow(num_new, new_tower)
+def grow_model(model: RetinaNet, num_new: int, new_tower: bool = False,
+               new_fpn: bool = False) -> None:
+    """Add ``num_new`` classes to the head (``new_tower``: on a tower of their own;
+    ``new_fpn``: that tower reads a copy of the latest FPN, added to the backbone)."""
+    if new_fpn:
+        backbone = model.backbone
+        latest = backbone.fpn_branches[-1] if len(backbone.fpn_branches) else backbone.fpn
+        backbone.fpn_branches.append(copy.deepcopy(latest))
+    model.head.classification_head.grow(num_new, new_tower, new_fpn)
     if isinstance(model, IncrementalRetinaNet):
         model.class_groups = head_layout(model)
 
@@ -338,6 +375,16 @@ def head_layout(model: RetinaNet) -> list[int]:
 
 def head_towers(model: RetinaNet) -> list[int]:
     return list(model.head.classification_head.tower_of_step)
+
+
+def head_fpns(model: RetinaNet) -> list[int]:
+    return list(model.head.classification_head.fpn_of_tower)
+
+
+def head_record(model: RetinaNet) -> dict:
+    """What a checkpoint records of the head's layout (:mod:`incdet.model.checkpoint`)."""
+    return {"head_layout": head_layout(model), "head_towers": head_towers(model),
+            "head_fpns": head_fpns(model)}
 
 
 def batch_transform(transform, images: list[Tensor], targets: list[dict] | None = None):

@@ -4,11 +4,12 @@ A checkpoint records everything needed to rebuild and check the model of a step:
 
     {"format": "incdet", "version": 1, "step": t, "class_order": [ids], "steps": [[ids], ...],
      "names": {"id": name}, "head_layout": [K_0, ..., K_t], "head_towers": [0, ..., b_t],
-     "config": {...}, "model": state_dict, "history": [metrics summary of steps <= t],
-     "train_state": {...} or None}
+     "head_fpns": [0, ..., f_b], "config": {...}, "model": state_dict,
+     "history": [metrics summary of steps <= t], "train_state": {...} or None}
 
 ``head_towers`` is the classification tower of each step (absent in checkpoints written before
-``branch`` existed: all steps on tower 0). ``train_state`` (optimizer, scheduler, iteration, RNG
+``branch`` existed: all steps on tower 0); ``head_fpns`` the FPN each tower reads (absent
+before ``branch_from: fpn``: all read FPN 0). ``train_state`` (optimizer, scheduler, iteration, RNG
 states) is present only in the rolling ``last.pt`` of an unfinished step, for ``--resume``.
 """
 from __future__ import annotations
@@ -91,7 +92,8 @@ def model_of(cfg: dict, ckpt: dict, source: str = "checkpoint"):
     """The model of a checkpoint (its head layout and towers) with its weights, built from
     ``cfg``'s model settings; on CPU, in training mode."""
     model = build_model(cfg["model"], ckpt["head_layout"], ckpt.get("head_towers"),
-                        per_step_caps=caps_per_step(cfg), from_checkpoint=True)
+                        per_step_caps=caps_per_step(cfg), from_checkpoint=True,
+                        fpns=ckpt.get("head_fpns"))
     load_model_state(model, ckpt, cfg["model"], source)
     return model
 

@@ -3,7 +3,11 @@
 ``IncrementalClassificationHead.classifiers[s]`` is the 3x3 conv of step ``s`` with
 ``A * K_s`` output channels. It reads the output of one conv tower: ``conv`` (tower 0, shared by
 every step that does not branch) or ``branches[b - 1]`` (tower ``b``, added by a ``branch`` step as
-a copy of the latest tower); ``tower_of_step[s]`` says which. Its outputs are interleaved per
+a copy of the latest tower); ``tower_of_step[s]`` says which. A tower reads the features of one
+FPN, ``fpn_of_tower[b]``: 0 is the backbone's own; a ``branch`` step with
+``incremental.branch_from: fpn`` adds a copy of the FPN for its tower (the backbone then returns
+the FPNs' features concatenated along channels, FPN ``f`` at channels ``[f C, (f + 1) C)``:
+:func:`fpn_features`; the box subnet reads FPN 0). Its outputs are interleaved per
 anchor into torchvision's anchor-major layout (channel ``anchor * K + class``), so the head is a
 drop-in for
 ``torchvision.models.detection.retinanet.RetinaNetClassificationHead``: ``forward`` returns
@@ -44,6 +48,29 @@ def _classifier(channels: int, num_anchors: int, num_classes: int, prior: float)
     return conv
 
 
+def fpn_features(x: torch.Tensor, fpn: int, channels: int) -> torch.Tensor:
+    """The ``channels`` features of FPN ``fpn`` out of a backbone output that concatenates
+    several FPNs' (``x`` itself when it holds one)."""
+    if x.shape[1] == channels:
+        return x
+    return x.narrow(1, fpn * channels, channels).contiguous()
+
+
+def check_fpns(fpns: Sequence[int], num_towers: int) -> list[int]:
+    """``fpns[b]``: the FPN tower ``b`` reads. Tower 0 reads FPN 0; a later tower reads FPN 0
+    or a new FPN (the next index)."""
+    fpns = [int(f) for f in fpns]
+    ok = len(fpns) == num_towers and (not fpns or fpns[0] == 0)
+    top = 0
+    for f in fpns[1:]:
+        ok = ok and f in (0, top + 1)
+        top = max(top, f)
+    if not ok:
+        raise ValueError(f"head FPNs {fpns} do not fit {num_towers} towers: tower 0 reads FPN 0 "
+                         "and each later tower FPN 0 or the next new FPN")
+    return fpns
+
+
 def check_towers(towers: Sequence[int], num_steps: int) -> list[int]:
     """``towers[s]``: the tower of step ``s``. Step 0 uses tower 0 and each step uses the latest
     tower or starts the next one."""
@@ -62,11 +89,12 @@ class IncrementalClassificationHead(nn.Module):
     Args:
         classes_per_step: ``[K_0, K_1, ...]``; the head predicts ``K = sum`` classes.
         towers: the tower of each step (default: all steps share tower 0).
+        fpns: the FPN each tower reads (default: all read FPN 0).
     """
 
     def __init__(self, in_channels: int, num_anchors: int, classes_per_step: Sequence[int],
                  num_convs: int = 4, norm: str = "groupnorm", prior_probability: float = 0.01,
-                 towers: Sequence[int] | None = None):
+                 towers: Sequence[int] | None = None, fpns: Sequence[int] | None = None):
         super().__init__()
         self.in_channels = in_channels
         self.num_anchors = num_anchors
@@ -76,10 +104,14 @@ class IncrementalClassificationHead(nn.Module):
         self.classifiers = nn.ModuleList()
         self.classes_per_step: list[int] = []
         self.tower_of_step: list[int] = []
+        self.fpn_of_tower: list[int] = [0]
         towers = check_towers(towers if towers is not None else [0] * len(classes_per_step),
                               len(classes_per_step))
+        num_towers = towers[-1] + 1 if towers else 1
+        fpns = check_fpns(fpns if fpns is not None else [0] * num_towers, num_towers)
         for k, b in zip(classes_per_step, towers):
-            self.grow(k, new_tower=b > len(self.branches))
+            new_tower = b > len(self.branches)
+            self.grow(k, new_tower=new_tower, new_fpn=new_tower and fpns[b] > 0)
 
     @property
     def num_classes(self) -> int:
@@ -88,13 +120,21 @@ class IncrementalClassificationHead(nn.Module):
     def towers(self) -> list[nn.Module]:
         return [self.conv, *self.branches]
 
-    def grow(self, num_new: int, new_tower: bool = False) -> None:
+    @property
+    def num_fpns(self) -> int:
+        return max(self.fpn_of_tower) + 1
+
+    def grow(self, num_new: int, new_tower: bool = False, new_fpn: bool = False) -> None:
         """Add a classifier for ``num_new`` classes; their label indices follow the old ones.
-        ``new_tower``: it reads a new tower, a copy of the latest one (``branch``)."""
+        ``new_tower``: it reads a new tower, a copy of the latest one (``branch``); ``new_fpn``:
+        that tower reads a new FPN (the caller adds the FPN to the backbone), else FPN 0."""
         if num_new <= 0:
             raise ValueError("a step must add at least one class")
+        if new_fpn and not new_tower:
+            raise ValueError("a new FPN comes with a new tower")
         if new_tower:
             self.branches.append(copy.deepcopy(self.towers()[-1]))
+            self.fpn_of_tower.append(self.num_fpns if new_fpn else 0)
         ref = next(self.conv.parameters(), None)
         conv = _classifier(self.in_channels, self.num_anchors, num_new, self.prior_probability)
         if ref is not None:
@@ -105,9 +145,10 @@ class IncrementalClassificationHead(nn.Module):
 
     def forward_level(self, features: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, HWA, K)."""
-        towers = self.towers()
-        # each tower runs once; a step's classifier reads its own tower's output
-        outs = [towers[0](features)] + [tower(features) for tower in towers[1:]]
+        towers, c = self.towers(), self.in_channels
+        # each tower runs once, on its FPN's features; a step's classifier reads its tower
+        outs = [tower(fpn_features(features, f, c))
+                for tower, f in zip(towers, self.fpn_of_tower)]
         n, _, h, w = outs[0].shape
         per_step = [clf(outs[b]).view(n, self.num_anchors, k, h, w)
                     for clf, k, b in zip(self.classifiers, self.classes_per_step,
@@ -145,15 +186,17 @@ class IncrementalHead(nn.Module):
 
     def __init__(self, in_channels: int, num_anchors: int, classes_per_step: Sequence[int],
                  num_convs: int = 4, norm: str = "groupnorm", prior_probability: float = 0.01,
-                 towers: Sequence[int] | None = None):
+                 towers: Sequence[int] | None = None, fpns: Sequence[int] | None = None):
         super().__init__()
         self.classification_head = IncrementalClassificationHead(
-            in_channels, num_anchors, classes_per_step, num_convs, norm, prior_probability, towers)
+            in_channels, num_anchors, classes_per_step, num_convs, norm, prior_probability, towers,
+            fpns)
         self.regression_head = RegressionHead(in_channels, num_anchors, num_convs, norm)
 
     def forward(self, x: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        c = self.classification_head.in_channels
         return {"cls_logits": self.classification_head(x),
-                "bbox_regression": self.regression_head(x)}
+                "bbox_regression": self.regression_head([fpn_features(f, 0, c) for f in x])}
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

@@ -55,7 +55,7 @@ from incdet.model.builder import (
     cached_weights_file,
     load_state_dict_file,
 )
-from incdet.model.heads import group_norm
+from incdet.model.heads import fpn_features, group_norm
 
 
 def fuse_classifiers(classifiers: Sequence[nn.Conv2d], sizes: Sequence[int],
@@ -81,16 +81,17 @@ class TowerClassifier(nn.Module):
     """One classification tower and the fused classifier of the steps that read it."""
 
     def __init__(self, conv: nn.Module, cls_logits: nn.Conv2d, num_anchors: int,
-                 num_classes: int):
+                 num_classes: int, fpn: int = 0):
         super().__init__()
         self.conv = conv
         self.cls_logits = cls_logits
         self.num_anchors = num_anchors
         self.num_classes = num_classes
+        self.fpn = fpn  # the FPN it reads (a backbone with FPN copies: heads.fpn_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, A, K_tower, H, W)."""
-        out = self.cls_logits(self.conv(x))
+        out = self.cls_logits(self.conv(fpn_features(x, self.fpn, self.cls_logits.in_channels)))
         n, _, h, w = out.shape
         return out.view(n, self.num_anchors, self.num_classes, h, w)
 
@@ -117,6 +118,25 @@ class BranchedClassificationHead(RetinaNetClassificationHead):
             n, a, k, h, w = logits.shape
             levels.append(logits.permute(0, 3, 4, 1, 2).reshape(n, -1, k))
         return torch.cat(levels, dim=1)
+
+
+class FirstFPNRegressionHead(nn.Module):
+    """A box subnet that reads FPN 0 of a backbone with FPN copies
+    (``incremental.branch_from: fpn``): ``head`` on :func:`fpn_features` ``(x, 0, C)``."""
+
+    def __init__(self, head: RetinaNetRegressionHead, channels: int):
+        super().__init__()
+        self.head = head
+        self.channels = channels
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        return self.head([fpn_features(f, 0, self.channels) for f in x])
+
+    def compute_loss(self, targets: list[dict[str, torch.Tensor]],
+                     head_outputs: dict[str, torch.Tensor], anchors: list[torch.Tensor],
+                     matched_idxs: list[torch.Tensor]) -> torch.Tensor:
+        """torchvision's box loss (it reads the head's outputs, not the features)."""
+        return self.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
 
 
 def torchvision_tower(flat: nn.Sequential) -> nn.Sequential:
@@ -151,7 +171,7 @@ def torchvision_classification_head(head) -> RetinaNetClassificationHead:
         steps = [s for s, tb in enumerate(head.tower_of_step) if tb == b]
         sizes = [head.classes_per_step[s] for s in steps]
         towers.append(TowerClassifier(torchvision_tower(tower), fuse_classifiers(
-            [head.classifiers[s] for s in steps], sizes, a), a, sum(sizes)))
+            [head.classifiers[s] for s in steps], sizes, a), a, sum(sizes), head.fpn_of_tower[b]))
     if len(towers) > 1:
         return BranchedClassificationHead(towers, a)
     cls = RetinaNetClassificationHead(head.in_channels, a, head.num_classes)
@@ -175,6 +195,8 @@ def to_torchvision(model: RetinaNet) -> RetinaNet:
     assert isinstance(reg, RetinaNetRegressionHead)
     reg.conv = torchvision_tower(reg_src.conv)
     reg.bbox_reg = reg_src.bbox_reg
+    if cls_src.num_fpns > 1:
+        head.regression_head = FirstFPNRegressionHead(reg, cls_src.in_channels)
     model.head = head.to(next(model.parameters()).device)
     return model.eval()
 
