@@ -225,3 +225,27 @@ def test_a_collision_writes_nothing(teachers, tmp_path):
     with pytest.raises(UserError, match="--overlap"):
         merge([tmp / "a" / "step_0", tmp / "a" / "step_0"], tmp_path / "m", progress=False)
     assert not (tmp_path / "m").exists()
+
+
+def test_benchmark_markdown_gives_the_merge_figures_against_their_goals():
+    from incdet.bench.markdown import markdown
+
+    two = {"a_ap": 0.4, "b_ap": 0.3, "all_ap": 0.35, "a_over_teacher_a": 0.8,
+           "b_over_teacher_b": 0.75, "all_over_incdet_without_memory": 1.25}
+    r = {"consolidation": {"branch_ap": 0.5, "merged_ap": 0.45, "ratio": 0.9,
+                           "branch_images_per_second": 10.0, "merged_images_per_second": 15.0},
+         "merge_two": {"with_labels": two},
+         "compression": {"teacher_ap": 0.6, "distilled_ap": 0.48, "labels_only_ap": 0.4,
+                         "distilled_over_labels_only": 1.2, "distilled_over_teacher": 0.8,
+                         "teacher_images_per_second": 10.0, "student_images_per_second": 30.0,
+                         "speedup": 3.0},
+         "incdet_without_memory_ap": 0.28,
+         "branch_from_fpn": {"new_ap": 0.3, "incdet_new_ap": 0.4, "new_over_incdet": 0.75,
+                             "tower_new_over_incdet": 0.5, "images_per_second": 8.0,
+                             "tower_images_per_second": 10.0}}
+    text = markdown({"results": {"merge": r}})
+    assert "| 0.450 / 0.500 = 0.90; images/s 15.0 vs 10.0 | ≥ 0.97 |" in text
+    assert "(with labels), A / teacher A, B / teacher B | 0.80, 0.75 | ≥ 0.95 each |" in text
+    assert "0.350 / 0.280 = 1.25 | > 1 |" in text
+    assert "0.480 / 0.400 = 1.20 | ≥ 1.05 |" in text and "30.0 / 10.0 = 3.00 | ≥ 2 |" in text
+    assert "(tower: 0.50) | 0.300 / 0.400 = 0.75; images/s 8.0 (tower 10.0) | ≥ 0.7 |" in text

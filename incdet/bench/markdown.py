@@ -33,6 +33,7 @@ def markdown(report: dict) -> str:
                                   "incdet_memory": "≥ 0.95"}),
                        ("4step", {"incdet": "≥ 0.75", "incdet_pseudo": "≥ 0.75",
                                   "incdet_memory": "≥ 0.90"}),
+                       ("2step-disjoint", {}),
                        ("6step", {"incdet_memory": "≥ 0.85"})):
         if name not in res:
             continue
@@ -60,7 +61,7 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {name}: {m} step-0 classes' AP at the last step / at step 0 | "
                              f"{spread_text(v, '.2f')} | "
                              f"{'≤ 0.3' if m == 'finetune' else 'high'} |")
-        if name != "2step":
+        if name not in ("2step", "2step-disjoint"):
             per: dict[str, list[list[dict]]] = {}  # variant -> per seed, its steps
             for one in r["seeds"].values():  # over_seeds keeps each seed's result
                 for m, steps in one.get("steps", {}).items():
@@ -77,4 +78,37 @@ def markdown(report: dict) -> str:
         if "onnxruntime_over_eager" in r:
             lines.append(f"| onnxruntime / eager inference | {r['onnxruntime_over_eager']:.2f}× "
                          "| ≥ 1 |")
+    if "merge" in res:
+        lines += merge_rows(res["merge"])
     return "\n".join(lines + extra)
+
+
+def merge_rows(r: dict) -> list[str]:
+    """The merge section's figures (:mod:`incdet.bench.merge`) as rows of the figures table."""
+    c, k, f = r["consolidation"], r["compression"], r.get("branch_from_fpn")
+    rows = [f"| merge: branch model consolidated into one tower, AP / branch's | "
+            f"{_f(c['merged_ap'])} / {_f(c['branch_ap'])} = {c['ratio']:.2f}; images/s "
+            f"{c['merged_images_per_second']:.1f} vs {c['branch_images_per_second']:.1f} "
+            f"| ≥ 0.97 |"]
+    for name, m in r["merge_two"].items():
+        rows.append(f"| merge: A + B trained apart ({name.replace('_', ' ')}), A / teacher A, "
+                    f"B / teacher B | {m['a_over_teacher_a']:.2f}, {m['b_over_teacher_b']:.2f}"
+                    f" | ≥ 0.95 each |")
+        rows.append(f"| merge: A + B ({name.replace('_', ' ')}), all-class AP / incdet without "
+                    f"memory | {_f(m['all_ap'])} / {_f(r['incdet_without_memory_ap'])} = "
+                    f"{m['all_over_incdet_without_memory']:.2f} | > 1 |")
+    rows += [f"| compression: distilled student / same student on labels alone | "
+             f"{_f(k['distilled_ap'])} / {_f(k['labels_only_ap'])} = "
+             f"{k['distilled_over_labels_only']:.2f} | ≥ 1.05 |",
+             f"| compression: distilled student / teacher | {_f(k['distilled_ap'])} / "
+             f"{_f(k['teacher_ap'])} = {k['distilled_over_teacher']:.2f} | ≥ 0.9 |",
+             f"| compression: student images/s / teacher's (CPU) | "
+             f"{k['student_images_per_second']:.1f} / {k['teacher_images_per_second']:.1f} = "
+             f"{k['speedup']:.2f} | ≥ 2 |"]
+    if f:
+        rows.append(f"| branch_from fpn: new-class AP / incdet's (tower: "
+                    f"{f['tower_new_over_incdet']:.2f}) | {_f(f['new_ap'])} / "
+                    f"{_f(f['incdet_new_ap'])} = {f['new_over_incdet']:.2f}; images/s "
+                    f"{f['images_per_second']:.1f} (tower {f['tower_images_per_second']:.1f}) "
+                    f"| ≥ 0.7 |")
+    return rows
