@@ -2,6 +2,7 @@
 and merged step folders that evaluate, export and continue like any step."""
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -249,3 +250,25 @@ def test_benchmark_markdown_gives_the_merge_figures_against_their_goals():
     assert "0.350 / 0.280 = 1.25 | > 1 |" in text
     assert "0.480 / 0.400 = 1.20 | ≥ 1.05 |" in text and "30.0 / 10.0 = 3.00 | ≥ 2 |" in text
     assert "(tower: 0.50) | 0.300 / 0.400 = 0.75; images/s 8.0 (tower 10.0) | ≥ 0.7 |" in text
+
+
+def test_a_branch_model_with_its_own_fpn_consolidates_into_one_tower(teachers, tmp_path):
+    """A branch step on its own FPN copy (two FPNs, two towers) merged alone into one stock
+    RetinaNet: the student starts from its shared parts, has one FPN and one tower, and exports
+    as a plain torchvision state dict (which the branch model cannot)."""
+    tmp, cfg_a = teachers
+    work = tmp_path / "w"
+    shutil.copytree(tmp / "a" / "step_0", work / "step_0")
+    cfg = load_config(cfg_a, ["incremental.method=branch", "incremental.branch_from=fpn"])
+    run_step(cfg, 1, work, progress=False)
+    branched = load_checkpoint(work / "step_1" / "checkpoint.pt")
+    assert branched["head_fpns"] == [0, 1]
+    merged_cfg = load_config(cfg_a, ["merge.iters=2", "merge.transfer_step=1"])
+    metrics = merge([work / "step_1"], tmp_path / "m", merged_cfg, progress=False)
+    assert metrics["merge"]["answers"] == [[1, 2, 4, 5, 7, 9, 11]]
+    ckpt = load_checkpoint(tmp_path / "m" / "step_1" / "checkpoint.pt")
+    assert ckpt["head_towers"] == [0, 0] and ckpt["head_fpns"] == [0]
+    assert not any("fpn_branches" in k or "classification_head.branches" in k
+                   for k in ckpt["model"])
+    meta = export(tmp_path / "m" / "step_1" / "checkpoint.pt", "state_dict", tmp_path / "s.pt")
+    assert meta["category_ids"] == [1, 2, 4, 5, 7, 9, 11]
