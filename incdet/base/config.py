@@ -175,8 +175,12 @@ DEFAULTS: dict[str, Any] = {
     "merge": {
         "iters": None,  # training iterations (null: the step budget of the union's classes)
         "temperature": 2.0,  # distillation temperature T of the classification term
-        "gamma": 2.0,  # modulating factor |p - q| ** gamma of the classification term
-        "box_thresh": 0.5,  # the box teacher's lowest class probability for an anchor's box
+        # modulating factor |p - q| ** gamma of the classification term (0: plain KL; 2 held
+        # the unannotated classes less well: benchmarks.md, "Merge and compress detectors")
+        "gamma": 0.0,
+        # the box teacher's lowest class probability for an anchor's box (0.5 left the weak
+        # teachers' classes almost without box distillation: benchmarks.md)
+        "box_thresh": 0.2,
         # a class several teachers know: error | first (the first teacher answers) | mean
         "overlap": "error",
         "labels": True,  # the transfer set's boxes train too, where it has them
