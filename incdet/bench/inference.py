@@ -16,6 +16,25 @@ from incdet.model.checkpoint import load_checkpoint, model_from_checkpoint
 from incdet.model.torchvision import to_torchvision
 
 
+def alternating_images_per_second(runners: dict, images: list, repeats: int = 3,
+                                  warmup: int = 4) -> dict[str, float]:
+    """Images/s of each ``runners[name](image)`` over ``images``, under ``no_grad``: a warm-up on
+    the first ``warmup`` images, then ``repeats`` rounds alternating between the runners, the
+    best round of each counting (machine noise hits them alike)."""
+    best = {k: float("inf") for k in runners}
+    with torch.no_grad():
+        for fn in runners.values():
+            for x in images[:warmup]:
+                fn(x)
+        for _ in range(repeats):
+            for name, fn in runners.items():
+                t0 = time.perf_counter()
+                for x in images:
+                    fn(x)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return {k: len(images) / v for k, v in best.items()}
+
+
 def inference_speed(ckpt_path: str | Path, num_images: int = 64, repeats: int = 3,
                     export_dir: str | Path | None = None) -> dict:
     """Images/s of a grown model at inference, one image per call, on validation-like images:
@@ -46,18 +65,7 @@ def inference_speed(ckpt_path: str | Path, num_images: int = 64, repeats: int = 
             export(ckpt_path, "onnx", export_dir / "model.onnx", check_images=images[:2])
             sess = onnx_session(export_dir / "model.onnx")
             runners["onnxruntime"] = lambda x: sess.run(None, {"image": x.numpy()})
-    best = {k: float("inf") for k in runners}
-    with torch.no_grad():
-        for fn in runners.values():  # warm-up
-            for x in images[:4]:
-                fn(x)
-        for _ in range(repeats):
-            for name, fn in runners.items():
-                t0 = time.perf_counter()
-                for x in images:
-                    fn(x)
-                best[name] = min(best[name], time.perf_counter() - t0)
-    ips = {k: num_images / v for k, v in best.items()}
+    ips = alternating_images_per_second(runners, images, repeats)
     out = {"images": num_images, "image_size": size, "threads": torch.get_num_threads(),
            "images_per_second": ips,
            "grown_over_plain": ips["grown"] / ips["plain_torchvision"],

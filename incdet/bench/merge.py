@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
-
-import torch
 
 from incdet.base.config import apply_overrides
 from incdet.base.devices import seed_everything
+from incdet.bench.inference import alternating_images_per_second
 from incdet.data.dataset import read_image, to_tensor
 from incdet.deploy.detector import load_detector
 from incdet.experiment.loaders import load_experiment
@@ -61,17 +59,8 @@ def images_per_second(checkpoints: dict[str, Path], records, rounds: int = 3) ->
     per call) on ``records``; rounds alternate between the models, the best round counts."""
     models = {k: load_detector(p, "cpu") for k, p in checkpoints.items()}
     images = [to_tensor(read_image(r.path)) for r in records]
-    best = {k: 0.0 for k in models}
-    with torch.no_grad():
-        for model in models.values():  # warm-up
-            model([images[0]])
-        for _ in range(rounds):
-            for k, model in models.items():
-                t0 = time.perf_counter()
-                for img in images:
-                    model([img])
-                best[k] = max(best[k], len(images) / (time.perf_counter() - t0))
-    return best
+    runners = {k: (lambda x, m=m: m([x])) for k, m in models.items()}
+    return alternating_images_per_second(runners, images, rounds, warmup=1)
 
 
 def merge_benchmark(cfg: dict, work_dir: str | Path, progress: bool = True,
