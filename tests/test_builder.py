@@ -12,7 +12,7 @@ from incdet.model.builder import build_model, forward_train
 SMALL = dict(DEFAULTS["model"], fpn_channels=16, head_convs=1, min_size=64, max_size=64)
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large", "mobilenet_v3_small"])
 def test_from_scratch_trains_everything_with_real_norm_layers(backbone):
     model = build_model(dict(SMALL, backbone=backbone), [3, 2])
     assert all(p.requires_grad for p in model.parameters())
@@ -24,6 +24,8 @@ def test_from_scratch_trains_everything_with_real_norm_layers(backbone):
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
     head_outputs, anchors, _, _ = forward_train(model, images, targets)
     n_anchors = anchors[0].shape[0]
+    # P3-P7 at strides 8 to 128 of the 64-px image: 8x8, 4x4, 2x2, 1x1, 1x1 cells
+    assert n_anchors == (64 + 16 + 4 + 1 + 1) * model.anchor_generator.num_anchors_per_location()[0]
     assert head_outputs["cls_logits"].shape == (2, n_anchors, 5)
     assert head_outputs["bbox_regression"].shape == (2, n_anchors, 4)
     model.eval()

@@ -10,7 +10,13 @@ import torch
 from incdet.base.config import load_config
 from incdet.base.errors import UserError
 from incdet.deploy.export import export
-from incdet.experiment.merge import build_student, load_teacher, merge, union_classes
+from incdet.experiment.merge import (
+    build_student,
+    load_teacher,
+    merge,
+    resolve_settings,
+    union_classes,
+)
 from incdet.experiment.step import run_step
 from incdet.model.builder import batch_transform, build_model
 from incdet.model.checkpoint import load_checkpoint
@@ -141,6 +147,63 @@ def test_box_teacher_is_the_most_confident_one_per_anchor():
         MergeCriterion(student, [MergeTeacher(t1, [0, 1, 2], [0, 1, 2])], 5, MCFG)
 
 
+def test_labelled_classes_learn_from_their_boxes_alone():
+    """merge.annotated: labels: no teacher answers for the labelled classes, in either term."""
+    student = _model(0, 5)
+    t1 = _model(1, 3)
+    images = _images()
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([3]),
+                "label_space": torch.tensor([3, 4])} for _ in images]
+    from incdet.train.losses import DetectionLoss
+    detection = DetectionLoss(load_config(None)["loss"], student.box_coder,
+                              student.proposal_matcher)
+    crit = MergeCriterion(student, [MergeTeacher(t1, [0, 1, 2], [0, 1, 2])], 5, MCFG,
+                          detection, labelled=[3, 4])
+    assert crit.distilled == [0, 1, 2]
+    student.train()
+    logits = {}
+
+    def keep(module, args, out):  # the classification logits, to read their gradient
+        out.retain_grad()
+        logits["z"] = out
+
+    hook = student.head.classification_head.register_forward_hook(keep)
+    losses = crit(images, targets)
+    hook.remove()
+    losses["loss_distill_cls"].backward(retain_graph=True)
+    grad = logits["z"].grad
+    assert grad[:, :, 3:].abs().max().item() == 0.0 and grad[:, :, :3].abs().max().item() > 0
+    assert {"loss_cls", "loss_box"} <= set(losses)
+    with pytest.raises(ValueError, match="learn from labels alone"):
+        MergeCriterion(student, [MergeTeacher(t1, [0, 1, 2], [0, 1, 2]),
+                                 MergeTeacher(_model(2, 2), [3, 4], [0, 1])], 5, MCFG,
+                       detection, labelled=[3, 4])
+    with pytest.raises(ValueError, match="no teacher"):
+        MergeCriterion(student, [MergeTeacher(t1, [0, 1, 2], [0, 1, 2])], 5, MCFG, detection,
+                       labelled=[4])
+    # every class labelled: the ground truth alone, the distillation terms zero
+    alone = MergeCriterion(student, [], 5, MCFG, detection, labelled=range(5))
+    out = alone(images, targets)
+    assert out["loss_distill_cls"].item() == 0.0 and out["loss_cls"].item() > 0
+
+
+def test_auto_settings_follow_the_use_merging_or_compressing():
+    auto = {"gamma": "auto", "box_thresh": "auto", "annotated": "auto"}
+    assert resolve_settings(auto, True) == {"gamma": 0.0, "box_thresh": 0.2,
+                                            "annotated": "labels"}
+    assert resolve_settings(auto, False) == {"gamma": 2.0, "box_thresh": 0.5,
+                                             "annotated": "distil"}
+    given = {"gamma": 1, "box_thresh": "0.3", "annotated": "distil"}
+    assert resolve_settings(given, True) == {"gamma": 1.0, "box_thresh": 0.3,
+                                             "annotated": "distil"}
+    with pytest.raises(UserError, match=r"merge.gamma: 'high' is neither auto nor a number"):
+        resolve_settings(dict(auto, gamma="high"), True)
+    with pytest.raises(UserError, match=r"merge.box_thresh: -0.1 is negative"):
+        resolve_settings(dict(auto, box_thresh=-0.1), True)
+    with pytest.raises(UserError, match="merge.annotated"):
+        resolve_settings(dict(auto, annotated="both"), True)
+
+
 def _write_config(path, dataset, split, **extra):
     lines = [f"data: {{root: {dataset}, synthetic: {{generate: false}}}}",
              f"split: {json.dumps(split)}",
@@ -174,6 +237,9 @@ def test_merged_step_folder_evaluates_exports_and_continues(teachers, tmp_path):
     assert metrics["classes"] == {"old": [1, 2, 4, 5], "new": [7, 9, 11]}
     assert metrics["merge"]["answers"] == [[1, 2, 4, 5], [7, 9, 11]]
     assert metrics["merge"]["transfer"]["labels"] is True  # step 1's boxes of 7 9 11
+    # the student starts from teacher A: merging settings, 7 9 11 learnt from their boxes
+    assert (metrics["merge"]["gamma"], metrics["merge"]["box_thresh"],
+            metrics["merge"]["annotated"]) == (0.0, 0.2, "labels")
     assert set(metrics["per_class_ap"]) == {"1", "2", "4", "5", "7", "9", "11"}
     assert json.loads((step_dir / "metrics.json").read_text()) == metrics
     ckpt = load_checkpoint(step_dir / "checkpoint.pt")

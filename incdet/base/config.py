@@ -46,10 +46,12 @@ DEFAULTS: dict[str, Any] = {
     # detector's (tools/import_detector.py writes them); an id in both must have the same name
     "categories": None,
     "model": {
-        "backbone": "mobilenet_v3_large",  # resnet18 | resnet34 | resnet50 | mobilenet_v3_large
+        # resnet18 | resnet34 | resnet50 | mobilenet_v3_large | mobilenet_v3_small (11 blocks,
+        # not 15: a shallower student for compression; benchmarks.md)
+        "backbone": "mobilenet_v3_large",
         "weights": None,  # null | torchvision weights name (local cache only) | path to a file
-        "width_mult": 1.0,  # mobilenet_v3_large only: channel multiplier (from scratch)
-        "reduced_tail": True,  # mobilenet_v3_large only: halve the channels of the last stage
+        "width_mult": 1.0,  # mobilenets only: channel multiplier (from scratch)
+        "reduced_tail": True,  # mobilenets only: halve the channels of the last stage
         "trainable_layers": 5,  # backbone stages trained when weights are given (0-5)
         # auto (frozen with weights, else batchnorm) | batchnorm | groupnorm | frozen |
         # frozen_eval (frozen, computed as BatchNorm2d in eval mode: imported BatchNorm detectors)
@@ -175,12 +177,18 @@ DEFAULTS: dict[str, Any] = {
     "merge": {
         "iters": None,  # training iterations (null: the step budget of the union's classes)
         "temperature": 2.0,  # distillation temperature T of the classification term
-        # modulating factor |p - q| ** gamma of the classification term (0: plain KL; 2 held
-        # the unannotated classes less well: benchmarks.md, "Merge and compress detectors")
-        "gamma": 0.0,
-        # the box teacher's lowest class probability for an anchor's box (0.5 left the weak
-        # teachers' classes almost without box distillation: benchmarks.md)
-        "box_thresh": 0.2,
+        # modulating factor |p - q| ** gamma of the classification term; auto: 0 (plain KL)
+        # when the student starts from a teacher's weights (merging), 2 when it starts
+        # untrained (compression); each measured best for its use: benchmarks.md, "Merge and
+        # compress detectors"
+        "gamma": "auto",
+        # the box teacher's lowest class probability for an anchor's box; auto: 0.2 when the
+        # student starts from a teacher's weights, 0.5 when it starts untrained (benchmarks.md)
+        "box_thresh": "auto",
+        # classes the transfer set annotates: distil (their boxes and their teachers both
+        # train them) | labels (their boxes alone; teachers distil the other classes) | auto
+        # (labels when the student starts from a teacher's weights, else distil)
+        "annotated": "auto",
         # a class several teachers know: error | first (the first teacher answers) | mean
         "overlap": "error",
         "labels": True,  # the transfer set's boxes train too, where it has them

@@ -23,6 +23,13 @@ starting point of the next incremental step.
   boxes kept for the classes of the union it annotates; ``merge.transfer_step: t`` keeps step
   ``t``'s images only (as that step trains: annotated for its classes); ``merge.labels: false``
   drops every box (pure distillation).
+* **Settings per use** (:func:`resolve_settings`): ``merge.gamma``, ``merge.box_thresh`` and
+  ``merge.annotated`` default to ``auto``: a student that starts from a teacher's weights is
+  *merging* (it must hold what it knows while it learns the rest: plain KL, boxes from
+  probability 0.2, the classes the transfer set annotates learnt from their boxes alone, not
+  also from a teacher that learnt them from fewer); an untrained student is *compressing* (it
+  learns everything from a teacher stronger than the labels: the focal weight gamma 2 on the
+  ~10^5 easy anchors, boxes from 0.5, every class distilled). metrics.json records the values.
 * **Budget**: ``merge.iters``, else the config's step budget for the union's classes
   (``train.iters_per_class`` times their number, ``train.max_iters``, or ``train.epochs``).
 
@@ -59,6 +66,11 @@ from incdet.train.merging import MergeCriterion, MergeTeacher
 log = logging.getLogger(__name__)
 
 OVERLAP_RULES = ("error", "first", "mean")
+ANNOTATED_RULES = ("auto", "distil", "labels")
+# merge.gamma / merge.box_thresh / merge.annotated under "auto": (student from a teacher's
+# weights: merging, consolidation), (student untrained: compression); benchmarks.md, "Merge and
+# compress detectors", measures both uses with both settings
+AUTO = {"gamma": (0.0, 2.0), "box_thresh": (0.2, 0.5), "annotated": ("labels", "distil")}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
@@ -178,6 +190,28 @@ def build_student(cfg: dict, merged: MergedClasses, first: Teacher) -> tuple:
     return model, len(copied), len(own)
 
 
+def resolve_settings(mcfg: dict, from_teacher: bool) -> dict:
+    """``merge.gamma``, ``merge.box_thresh`` and ``merge.annotated`` with ``auto`` resolved:
+    the first value of :data:`AUTO` when the student starts from a teacher's weights, else the
+    second. A value that is neither ``auto`` nor valid is a :class:`UserError` naming the key."""
+    out = {}
+    for key, (merging, compressing) in AUTO.items():
+        value = mcfg.get(key, "auto")
+        if value == "auto":
+            value = merging if from_teacher else compressing
+        elif key == "annotated":
+            check_choice("merge.annotated", value, ANNOTATED_RULES)
+        else:
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise UserError(f"merge.{key}: {value!r} is neither auto nor a number") from None
+            if value < 0:
+                raise UserError(f"merge.{key}: {value} is negative; give auto or a number >= 0")
+        out[key] = value
+    return out
+
+
 def image_folder(folder: str | Path) -> list[ImageRecord]:
     """Unlabelled records of every image in ``folder`` (sorted by name)."""
     folder = Path(folder)
@@ -271,15 +305,21 @@ def merge(teacher_specs: Sequence[str | Path], work_dir: str | Path, cfg: dict |
     seed_everything(int(tcfg["seed"]))
     student, copied, total = build_student(scfg, merged, teachers[0])
     log.info("student: %d of %d tensors from %s", copied, total, teachers[0].source)
+    settings = resolve_settings(mcfg, copied > 0)
     student = student.to(device).train()
     label_of = {c: i for i, c in enumerate(merged.order)}
     for tch in teachers:
         tch.model.to(device)
-    merge_teachers = [MergeTeacher(tch.model, [s for s, _ in ans], [j for _, j in ans],
-                                   tch.source) for tch, ans in zip(teachers, merged.answers)]
+    # merge.annotated: labels: the annotated classes learn from their boxes alone
+    skip = set(spaces[0]) if settings["annotated"] == "labels" and transfer["labels"] else set()
+    merge_teachers = [MergeTeacher(tch.model, [s for s, _ in ans if s not in skip],
+                                   [j for s, j in ans if s not in skip], tch.source)
+                      for tch, ans in zip(teachers, merged.answers)]
+    merge_teachers = [m for m in merge_teachers if m.student_labels]
     detection = DetectionLoss(scfg["loss"], student.box_coder, student.proposal_matcher) \
         if transfer["labels"] else None
-    criterion = MergeCriterion(student, merge_teachers, len(merged.order), mcfg, detection)
+    criterion = MergeCriterion(student, merge_teachers, len(merged.order),
+                               {**mcfg, **settings}, detection, labelled=sorted(skip))
     dataset = DetectionDataset(records, label_of, spaces, build_train_transform(scfg["augment"]))
     bs = int(tcfg["batch_size"])
     loader = make_loader(dataset, bs, shuffle=True, num_workers=0, seed=int(tcfg["seed"]),
@@ -320,7 +360,7 @@ def merge(teacher_specs: Sequence[str | Path], work_dir: str | Path, cfg: dict |
                   "images": len(records)},
         "merge": {"teachers": [tch.source for tch in teachers],
                   "answers": [[merged.order[s] for s, _ in ans] for ans in merged.answers],
-                  "overlap": mcfg["overlap"], "transfer": transfer,
+                  "overlap": mcfg["overlap"], "transfer": transfer, **settings,
                   "student_from_first_teacher": f"{copied}/{total} tensors"},
     }
     save_checkpoint(step_dir / "checkpoint.pt", {

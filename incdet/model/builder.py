@@ -40,7 +40,7 @@ from incdet.base.devices import host_to_device
 from incdet.base.errors import UserError, check_choice
 from incdet.model.heads import IncrementalHead, norm_layer_for
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "mobilenet_v3_small")
 
 
 @torch.jit.unused
@@ -186,8 +186,8 @@ def build_backbone(mcfg: dict, from_checkpoint: bool = False) -> BackboneWithFPN
             raise UserError("model.width_mult / model.reduced_tail change the mobilenet's shape, "
                             "so pretrained model.weights do not fit it: set model.width_mult=1.0 "
                             "and model.reduced_tail=false")
-        features = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=norm_layer,
-                                                         **shape).features
+        features = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer,
+                                                     **shape).features
         if state is not None:
             feature_state = {k[len("features."):]: v for k, v in state.items()
                              if k.startswith("features.")}

@@ -3,7 +3,9 @@
 Each teacher answers for its own classes on every anchor of the student; the student learns
 all of them at once (Hinton et al.'s specialists distilled into one model; Deep Model
 Consolidation, Zhang et al. 2020, for RetinaNet). ``L = w_cls * L_cls_kd + w_box * L_box_kd``
-plus the ground-truth focal and box losses where the transfer set has labels:
+plus the ground-truth focal and box losses where the transfer set has labels (with
+``labelled`` classes, ``merge.annotated: labels``, those classes learn from the labels alone: no
+teacher answers for them, in either term):
 
 * **Classification** (:func:`soft_focal_distillation`): with temperature ``T``, the target of
   class ``c`` at an anchor is ``p = sigmoid(z_t / T)`` of the teacher that answers for ``c`` (the
@@ -150,7 +152,8 @@ class MergeCriterion:
     the ground-truth loss for images with labels (None: pure distillation)."""
 
     def __init__(self, student, teachers: Sequence[MergeTeacher], num_classes: int,
-                 mcfg: dict, detection: DetectionLoss | None = None):
+                 mcfg: dict, detection: DetectionLoss | None = None,
+                 labelled: Sequence[int] = ()):
         self.student = student
         self.teachers = list(teachers)  # plain attribute: never submodules of the student
         self.num_classes = int(num_classes)
@@ -161,10 +164,19 @@ class MergeCriterion:
         counts = torch.zeros(self.num_classes)
         for t in self.teachers:
             counts[list(t.student_labels)] += 1
+        labelled = sorted(set(int(c) for c in labelled))
+        if labelled and detection is None:
+            raise ValueError("labelled classes need the ground-truth loss")
+        if (counts[labelled] > 0).any():
+            raise ValueError(f"student labels {labelled} learn from labels alone, yet a teacher "
+                             "answers for some of them")
+        counts[labelled] = -1
         if (counts == 0).any():
             missing = (counts == 0).nonzero().flatten().tolist()
             raise ValueError(f"student labels {missing} have no teacher")
-        self._counts = counts
+        # the distilled classes: every class but those the transfer set's labels alone train
+        self.distilled = (counts > 0).nonzero().flatten().tolist()
+        self._counts = counts.clamp(min=1)
         for t in self.teachers:
             t.model.eval()
             for p in t.model.parameters():
@@ -200,6 +212,10 @@ class MergeCriterion:
     def __call__(self, images, targets) -> dict[str, Tensor]:
         head_outputs, anchors, targets_t, image_list = forward_train(self.student, images,
                                                                      targets)
+        if not self.teachers:  # every class learns from labels alone
+            zero = head_outputs["cls_logits"].sum() * 0.0
+            return {**self.detection(head_outputs, anchors, targets_t),
+                    "loss_distill_cls": zero, "loss_distill_box": zero}
         with torch.no_grad():
             shapes = _level_shapes(self.student, image_list, head_outputs)
             prob, conf, boxes, box_conf = self.targets(images, image_list, shapes)
@@ -211,8 +227,11 @@ class MergeCriterion:
         losses = {}
         if self.detection is not None:
             losses.update(self.detection(head_outputs, anchors, targets_t))
-        losses["loss_distill_cls"] = soft_focal_distillation(
-            head_outputs["cls_logits"], prob, conf, self.temperature, self.gamma)
+        logits = head_outputs["cls_logits"]
+        if len(self.distilled) < self.num_classes:
+            logits, prob = logits[:, :, self.distilled], prob[:, :, self.distilled]
+        losses["loss_distill_cls"] = soft_focal_distillation(logits, prob, conf,
+                                                             self.temperature, self.gamma)
         losses["loss_distill_box"] = box_distillation(head_outputs["bbox_regression"],
                                                       target_deltas, weight)
         return losses
