@@ -21,10 +21,11 @@ from incdet.model.torchvision import BranchedClassificationHead
 SIZES = ((64, 64), (48, 80))
 
 
-@pytest.fixture(scope="module", params=["tower", "fpn"])
+@pytest.fixture(scope="module", params=["tower", "fpn", "backbone"])
 def branched(tiny_dataset, tmp_path_factory, request):
     """Step 0 (5 classes), then a branch step (5 more; its own tower, or its own tower and FPN
-    copy); every detection kept (score_thresh 0) and few per image, so that the caps bind."""
+    copy, or its own tower, FPN and backbone body copies); every detection kept (score_thresh
+    0) and few per image, so that the caps bind."""
     tmp = tmp_path_factory.mktemp("branch")
     path = tmp / "tiny.yaml"
     path.write_text(f"""
@@ -91,19 +92,24 @@ def test_branch_trains_only_its_tower_and_classifier(branched):
     before = load_checkpoint(work / "step_0" / "checkpoint.pt")["model"]
     after = load_checkpoint(work / "step_1" / "checkpoint.pt")
     assert after["head_towers"] == [0, 1] and after["head_layout"] == [5, 5]
-    fpn = cfg["incremental"]["branch_from"] == "fpn"
+    fpn = cfg["incremental"]["branch_from"] in ("fpn", "backbone")
+    body = cfg["incremental"]["branch_from"] == "backbone"
     assert after["head_fpns"] == ([0, 1] if fpn else [0, 0])
+    assert after["fpn_bodies"] == ([0, 1] if body else [0] * (1 + fpn))
     state = after["model"]
     for key, value in before.items():  # backbone (BN statistics too), FPN, box head, tower 0
         assert torch.equal(state[key], value), key
     changed = [k for k in state if k not in before and "classification_head.branches.0" in k
                and not torch.equal(state[k], state[k.replace("branches.0", "conv")])]
     assert changed  # the branch's own tower trained away from its copy
-    copies = [k for k in state if k not in before and "fpn_branches.0" in k]
-    assert bool(copies) == fpn  # the FPN copy exists with branch_from: fpn only, and trained
-    assert all(k.replace("fpn_branches.0", "fpn") in before for k in copies)
-    assert not fpn or any(not torch.equal(state[k], before[k.replace("fpn_branches.0", "fpn")])
-                          for k in copies)
+    for copy_of, own in (("fpn", fpn), ("body", body)):
+        # the copy exists with its branch_from only, started from the original, and trained
+        copies = [k for k in state if k not in before and f"{copy_of}_branches.0" in k]
+        assert bool(copies) == own, copy_of
+        assert all(k.replace(f"{copy_of}_branches.0", copy_of) in before for k in copies)
+        assert not own or any(
+            not torch.equal(state[k], before[k.replace(f"{copy_of}_branches.0", copy_of)])
+            for k in copies)
 
 
 def test_branch_old_logits_and_detections_equal_the_previous_model(branched):
@@ -201,3 +207,11 @@ def test_a_branched_model_is_no_plain_state_dict(branched, tmp_path):
         export(work / "step_1" / "checkpoint.pt", "state_dict", tmp_path / "det.pt",
                check_images=_images())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fpn_bodies_must_be_what_branch_steps_build():
+    mcfg = dict(load_config(None)["model"], fpn_channels=16, head_convs=1)
+    model = build_model(mcfg, [3, 2, 2], towers=[0, 1, 2], fpns=[0, 1, 2], bodies=[0, 1, 1])
+    assert len(model.backbone.body_branches) == 1 and model.backbone.fpn_bodies() == [0, 1, 1]
+    with pytest.raises(ValueError, match=r"FPN bodies \[0, 2, 2\] do not fit 3 FPNs"):
+        build_model(mcfg, [3, 2, 2], towers=[0, 1, 2], fpns=[0, 1, 2], bodies=[0, 2, 2])

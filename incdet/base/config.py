@@ -142,7 +142,8 @@ DEFAULTS: dict[str, Any] = {
     "incremental": {
         "method": "incdet",  # incdet | finetune | joint | branch
         # branch: what the new classes get of their own: tower (a classification tower, reading
-        # the shared FPN) | fpn (a tower and a copy of the FPN: more to learn with, and more cost)
+        # the shared FPN) | fpn (a tower and a copy of the FPN: more to learn with, and more
+        # cost) | backbone (a tower, an FPN and a backbone body: a whole network per step)
         "branch_from": "tower",
         # joint's budget at step t: equal (the sum of the incremental run's step budgets up to t:
         # equal compute, the upper bound) | step (one step's budget: a weaker reference)

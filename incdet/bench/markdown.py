@@ -85,7 +85,7 @@ def markdown(report: dict) -> str:
 
 def merge_rows(r: dict) -> list[str]:
     """The merge section's figures (:mod:`incdet.bench.merge`) as rows of the figures table."""
-    c, k, f = r["consolidation"], r["compression"], r.get("branch_from_fpn")
+    c, k = r["consolidation"], r["compression"]
     rows = [f"| merge: branch model consolidated into one tower, AP / branch's | "
             f"{_f(c['merged_ap'])} / {_f(c['branch_ap'])} = {c['ratio']:.2f}; images/s "
             f"{c['merged_images_per_second']:.1f} vs {c['branch_images_per_second']:.1f} "
@@ -105,10 +105,18 @@ def merge_rows(r: dict) -> list[str]:
              f"| compression: student images/s / teacher's (CPU) | "
              f"{k['student_images_per_second']:.1f} / {k['teacher_images_per_second']:.1f} = "
              f"{k['speedup']:.2f} | ≥ 2 |"]
-    if f:
-        rows.append(f"| branch_from fpn: new-class AP / incdet's (tower: "
-                    f"{f['tower_new_over_incdet']:.2f}) | {_f(f['new_ap'])} / "
-                    f"{_f(f['incdet_new_ap'])} = {f['new_over_incdet']:.2f}; images/s "
-                    f"{f['images_per_second']:.1f} (tower {f['tower_images_per_second']:.1f}) "
-                    f"| ≥ 0.7 |")
+    for kind in ("fpn", "backbone"):
+        f = r.get(f"branch_from_{kind}")
+        if f:
+            rows.append(f"| branch_from {kind}: new-class AP / incdet's (tower: "
+                        f"{f['tower_new_over_incdet']:.2f}) | {_f(f['new_ap'])} / "
+                        f"{_f(f['incdet_new_ap'])} = {f['new_over_incdet']:.2f}; images/s "
+                        f"{f['images_per_second']:.1f} (tower "
+                        f"{f['tower_images_per_second']:.1f}) | ≥ 0.7 |")
+    b = r.get("consolidation_backbone")
+    if b:
+        rows.append(f"| merge: branch_from backbone model consolidated into one tower, AP / "
+                    f"branch's; / incdet without memory | {_f(b['merged_ap'])} / "
+                    f"{_f(b['branch_ap'])} = {b['ratio']:.2f}; "
+                    f"{b['all_over_incdet_without_memory']:.2f} | ≥ 0.97 |")
     return rows

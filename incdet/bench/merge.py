@@ -3,12 +3,12 @@
 On a 5 + 5 split of the built-in data (``configs/shapes_2step.yaml``), at one budget for every
 run (``iters_per_class`` per class a step adds; every merge trains for one step's budget):
 
-1. a protocol run: ``branch`` (5 + 5), ``branch`` with ``branch_from: fpn``, ``incdet``
-   without memory, and the equal-compute ``joint`` on all 10 classes, from one shared step 0
-   (classes A);
+1. a protocol run: ``branch`` (5 + 5), ``branch`` with ``branch_from: fpn`` and with
+   ``branch_from: backbone``, ``incdet`` without memory, and the equal-compute ``joint`` on
+   all 10 classes, from one shared step 0 (classes A);
 2. teacher B: a detector trained apart, on the images of classes B alone (their boxes only);
 3. **consolidation**: the ``branch`` model merged into one stock RetinaNet using only step 1's
-   images (their B boxes);
+   images (their B boxes); the same for the ``branch_from: backbone`` model;
 4. **merging** teacher A (the step-0 detector) and teacher B using only B's images, with their
    B boxes, and again with every box removed (pure distillation);
 5. **compression**: the ``joint`` model (10 classes) into a smaller student (``STUDENT``) on the
@@ -16,8 +16,8 @@ run (``iters_per_class`` per class a step adds; every merge trains for one step'
    scratch), against the same student trained on the labels alone for as many iterations;
 6. images/s at inference of the models compared, measured side by side (rounds alternate).
 
-``branch_from: fpn``'s new-class AP is compared with ``incdet``'s (goal: >= 0.7 x), its old
-classes with step 0's (the same detections, so the same AP).
+``branch_from: fpn``'s and ``backbone``'s new-class AP is compared with ``incdet``'s (goal:
+>= 0.7 x), their old classes with step 0's (the same detections, so the same AP).
 
 Every folder is kept under the output folder; a rerun skips what is complete.
 """
@@ -44,6 +44,8 @@ STUDENT = ["model.backbone=mobilenet_v3_small", "model.fpn_channels=32", "model.
 VARIANTS = {"branch": ["incremental.method=branch", "memory.budget=0"],
             "branch_fpn": ["incremental.method=branch", "incremental.branch_from=fpn",
                            "memory.budget=0"],
+            "branch_backbone": ["incremental.method=branch", "incremental.branch_from=backbone",
+                                "memory.budget=0"],
             "incdet": ["incremental.method=incdet", "memory.budget=0"],
             "joint": ["incremental.method=joint", "memory.budget=0"]}
 
@@ -88,6 +90,8 @@ def merge_benchmark(cfg: dict, work_dir: str | Path, progress: bool = True,
     protocol = work / "protocol"
     consolidated = _merged([protocol / "branch" / "step_1"], work / "consolidated", merge_cfg,
                            progress)
+    consolidated_bb = _merged([protocol / "branch_backbone" / "step_1"],
+                              work / "consolidated_backbone", merge_cfg, progress)
     teacher_a = protocol / "incdet" / "step_0"
     merged_ab = _merged([teacher_a, work / "teacher_b" / "step_0"], work / "merged_ab",
                         merge_cfg, progress)
@@ -115,6 +119,7 @@ def merge_benchmark(cfg: dict, work_dir: str | Path, progress: bool = True,
     speed = images_per_second({
         "branch": protocol / "branch" / "step_1" / "checkpoint.pt",
         "branch_fpn": protocol / "branch_fpn" / "step_1" / "checkpoint.pt",
+        "branch_backbone": protocol / "branch_backbone" / "step_1" / "checkpoint.pt",
         "consolidated": next((work / "consolidated").glob("step_*/checkpoint.pt")),
         "joint": protocol / "joint" / "step_1" / "checkpoint.pt",
         "compressed": next((work / "compressed").glob("step_*/checkpoint.pt")),
@@ -149,18 +154,26 @@ def merge_benchmark(cfg: dict, work_dir: str | Path, progress: bool = True,
             "speedup": speed["compressed"] / speed["joint"],
             "student": STUDENT, "iterations": teacher_iters,
         },
-        "branch_from_fpn": {
-            "new_ap": ap(runs["branch_fpn"][1], "new"), "old_ap": ap(runs["branch_fpn"][1], "old"),
-            "tower_new_ap": ap(branch, "new"), "tower_old_ap": ap(branch, "old"),
-            "incdet_new_ap": ap(incdet, "new"), "step0_ap": ap(step0, "new"),
-            "new_over_incdet": ap(runs["branch_fpn"][1], "new") / ap(incdet, "new"),
-            "tower_new_over_incdet": ap(branch, "new") / ap(incdet, "new"),
-            "images_per_second": speed["branch_fpn"],
-            "tower_images_per_second": speed["branch"],
+        "consolidation_backbone": {
+            "branch_ap": ap(runs["branch_backbone"][1]), "merged_ap": ap(consolidated_bb),
+            "ratio": ap(consolidated_bb) / ap(runs["branch_backbone"][1]),
+            "branch_images_per_second": speed["branch_backbone"],
+            "merged_images_per_second": speed["consolidated"],
+            "all_over_incdet_without_memory": ap(consolidated_bb) / ap(incdet),
         },
         "incdet_without_memory_ap": ap(incdet),
         "teachers": {"a_ap": ap(step0, "new"), "b_ap": ap(teacher_b, "new")},
     }
+    for kind in ("fpn", "backbone"):
+        m = runs[f"branch_{kind}"][1]
+        out[f"branch_from_{kind}"] = {
+            "new_ap": ap(m, "new"), "old_ap": ap(m, "old"),
+            "tower_new_ap": ap(branch, "new"), "tower_old_ap": ap(branch, "old"),
+            "incdet_new_ap": ap(incdet, "new"), "step0_ap": ap(step0, "new"),
+            "new_over_incdet": ap(m, "new") / ap(incdet, "new"),
+            "tower_new_over_incdet": ap(branch, "new") / ap(incdet, "new"),
+            "images_per_second": speed[f"branch_{kind}"],
+            "tower_images_per_second": speed["branch"]}
     for name, m in (("with_labels", merged_ab), ("pure_distillation", merged_pure)):
         a_ap, b_ap = class_ap(m, a_ids), class_ap(m, b_ids)
         out["merge_two"][name] = {

@@ -19,7 +19,11 @@
   ``incremental.branch_from: fpn`` the new tower also reads a trainable copy of the latest FPN
   (P3-P7 from the frozen backbone's features): the new classes get more to learn with; the old
   towers still read the frozen FPN, so old outputs stay bit-identical, and inference pays one
-  FPN and one tower per such step.
+  FPN and one tower per such step. With ``branch_from: backbone`` that FPN also reads a
+  trainable copy of the latest backbone body: the new classes learn with a whole network of
+  their own (as a detector trained apart from the previous one's weights would), old outputs
+  stay bit-identical, and inference pays a whole network per step: ``tools/merge.py``
+  consolidates the result into one network (design.md, "Merging and compressing detectors").
 
 At step 0 all three train the same model on the step's classes.
 """
@@ -135,13 +139,18 @@ def build_student(cfg: dict, sc: StepClasses, plan: Plan, previous: dict | None,
     model = model_of(cfg, previous, source)
     branch = cfg["incremental"]["method"] == "branch"
     branch_from = cfg["incremental"].get("branch_from", "tower")
-    check_choice("incremental.branch_from", branch_from, ("tower", "fpn"))
-    new_fpn = branch and branch_from == "fpn"
-    grow_model(model, len(sc.new), new_tower=branch, new_fpn=new_fpn)
+    check_choice("incremental.branch_from", branch_from, BRANCH_FROM)
+    new_fpn = branch and branch_from in ("fpn", "backbone")
+    new_body = branch and branch_from == "backbone"
+    grow_model(model, len(sc.new), new_tower=branch, new_fpn=new_fpn, new_body=new_body)
     if branch:
         head = model.head.classification_head
         own = [head.towers()[-1], head.classifiers[-1]]
-        freeze_all_but(model, own + ([model.backbone.fpn_branches[-1]] if new_fpn else []))
+        if new_fpn:
+            own.append(model.backbone.fpn_branches[-1])
+        if new_body:
+            own.append(model.backbone.body_branches[-1])
+        freeze_all_but(model, own)
     return model
 
 
@@ -155,6 +164,7 @@ def build_teacher(cfg: dict, previous: dict, source: str = "previous checkpoint"
 
 
 REPLAY_LOSSES = ("pooled", "separate")
+BRANCH_FROM = ("tower", "fpn", "backbone")
 
 
 def replay_weight(cfg: dict) -> float | None:

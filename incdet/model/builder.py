@@ -75,28 +75,63 @@ class _LastLevelP6P7(LastLevelP6P7):
 
 class IncrementalBackbone(BackboneWithFPN):
     """torchvision's ``BackboneWithFPN`` (same modules and state dict) that can hold copies of
-    its FPN, ``fpn_branches`` (``incremental.branch_from: fpn``): each reads the same body
-    features, and the output concatenates every FPN's maps along channels, ``fpn`` first (one
-    tensor per level, so anchors and torchvision's ``RetinaNet.forward`` are unchanged; the
-    head picks its slices: :func:`incdet.model.heads.fpn_features`). Without copies it is
-    ``BackboneWithFPN`` exactly."""
+    its FPN, ``fpn_branches`` (``incremental.branch_from: fpn``), and of its body,
+    ``body_branches`` (``branch_from: backbone``): FPN copy ``i`` reads the body
+    ``body_of_fpn[i]`` (0: the shared one, ``j``: ``body_branches[j - 1]``), and the output
+    concatenates every FPN's maps along channels, ``fpn`` first (one tensor per level, so
+    anchors and torchvision's ``RetinaNet.forward`` are unchanged; the head picks its slices:
+    :func:`incdet.model.heads.fpn_features`). Without copies it is ``BackboneWithFPN``
+    exactly."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fpn_branches = nn.ModuleList()
+        self.body_branches = nn.ModuleList()
+        self.body_of_fpn: list[int] = []
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         body = self.body(x)
         out = self.fpn(body)
         if len(self.fpn_branches) == 0:
             return out
+        bodies = [body]
+        for branch in self.body_branches:
+            bodies.append(branch(x))
         outs = [out]
-        for fpn in self.fpn_branches:
-            outs.append(fpn(body))
+        for i, fpn in enumerate(self.fpn_branches):
+            outs.append(fpn(bodies[self.body_of_fpn[i]]))
         merged: dict[str, Tensor] = OrderedDict()
         for k in out.keys():
             merged[k] = torch.cat([o[k] for o in outs], dim=1)
         return merged
+
+    def fpn_bodies(self) -> list[int]:
+        """The body each FPN reads, FPN 0 first (what checkpoints record)."""
+        return [0] + list(self.body_of_fpn)
+
+    def add_branch(self, new_body: bool) -> None:
+        """A trainable copy of the latest FPN (``new_body``: and of the latest body, which it
+        reads; else it reads the latest FPN's body)."""
+        latest = self.fpn_branches[-1] if len(self.fpn_branches) else self.fpn
+        self.fpn_branches.append(copy.deepcopy(latest))
+        body = self.fpn_bodies()[-1]
+        if new_body:
+            latest_body = self.body_branches[body - 1] if body else self.body
+            self.body_branches.append(copy.deepcopy(latest_body))
+            body = len(self.body_branches)
+        self.body_of_fpn.append(body)
+
+
+def check_fpn_bodies(bodies: Sequence[int], num_fpns: int) -> list[int]:
+    """``bodies[i]``: the body FPN ``i`` reads; FPN 0 reads body 0 and each further body is
+    first read by the FPN after the last one's (what :meth:`IncrementalBackbone.add_branch`
+    builds)."""
+    bodies = [int(b) for b in bodies]
+    ok = len(bodies) == num_fpns and (not bodies or bodies[0] == 0)
+    if not ok or any(b - prev not in (0, 1) for prev, b in zip(bodies, bodies[1:])):
+        raise ValueError(f"FPN bodies {bodies} do not fit {num_fpns} FPNs: FPN 0 reads body 0, "
+                         "each later FPN the previous FPN's body or a new one")
+    return bodies
 
 
 def resolve_weights(spec: str | None) -> dict | None:
@@ -309,11 +344,13 @@ def caps_per_step(cfg: dict) -> bool:
 
 def build_model(mcfg: dict, classes_per_step: Sequence[int], towers: Sequence[int] | None = None,
                 per_step_caps: bool = False, from_checkpoint: bool = False,
-                fpns: Sequence[int] | None = None) -> RetinaNet:
+                fpns: Sequence[int] | None = None,
+                bodies: Sequence[int] | None = None) -> RetinaNet:
     """A RetinaNet predicting ``sum(classes_per_step)`` classes, head laid out per step.
 
     ``towers``: the classification tower of each step (``branch`` steps have their own);
     ``fpns``: the FPN each tower reads (``branch_from: fpn`` towers have their own);
+    ``bodies``: the body each FPN reads (``branch_from: backbone`` FPNs have their own);
     ``per_step_caps``: an :class:`IncrementalRetinaNet`; ``from_checkpoint``: the caller loads
     trained weights (see :func:`build_backbone`)."""
     backbone = build_backbone(mcfg, from_checkpoint)
@@ -323,8 +360,10 @@ def build_model(mcfg: dict, classes_per_step: Sequence[int], towers: Sequence[in
                            classes_per_step, num_convs=int(mcfg["head_convs"]),
                            norm=mcfg["head_norm"], prior_probability=mcfg["prior_probability"],
                            towers=towers, fpns=fpns)
-    for _ in range(head.classification_head.num_fpns - 1):
-        backbone.fpn_branches.append(copy.deepcopy(backbone.fpn))
+    num_fpns = head.classification_head.num_fpns
+    bodies = check_fpn_bodies(bodies if bodies is not None else [0] * num_fpns, num_fpns)
+    for b, prev in zip(bodies[1:], bodies):
+        backbone.add_branch(new_body=b != prev)
     cls = IncrementalRetinaNet if per_step_caps else RetinaNet
     normalise = {k: mcfg[k] for k in ("image_mean", "image_std") if mcfg.get(k) is not None}
     model = cls(backbone, num_classes=sum(classes_per_step), min_size=mcfg["min_size"],
@@ -340,13 +379,12 @@ def build_model(mcfg: dict, classes_per_step: Sequence[int], towers: Sequence[in
 
 
 def grow_model(model: RetinaNet, num_new: int, new_tower: bool = False,
-               new_fpn: bool = False) -> None:
+               new_fpn: bool = False, new_body: bool = False) -> None:
     """Add ``num_new`` classes to the head (``new_tower``: on a tower of their own;
-    ``new_fpn``: that tower reads a copy of the latest FPN, added to the backbone)."""
+    ``new_fpn``: that tower reads a copy of the latest FPN, added to the backbone;
+    ``new_body``: that FPN reads a copy of the latest body)."""
     if new_fpn:
-        backbone = model.backbone
-        latest = backbone.fpn_branches[-1] if len(backbone.fpn_branches) else backbone.fpn
-        backbone.fpn_branches.append(copy.deepcopy(latest))
+        model.backbone.add_branch(new_body)
     model.head.classification_head.grow(num_new, new_tower, new_fpn)
     if isinstance(model, IncrementalRetinaNet):
         model.class_groups = head_layout(model)
@@ -381,10 +419,15 @@ def head_fpns(model: RetinaNet) -> list[int]:
     return list(model.head.classification_head.fpn_of_tower)
 
 
+def fpn_bodies(model: RetinaNet) -> list[int]:
+    backbone = model.backbone
+    return backbone.fpn_bodies() if isinstance(backbone, IncrementalBackbone) else [0]
+
+
 def head_record(model: RetinaNet) -> dict:
     """What a checkpoint records of the head's layout (:mod:`incdet.model.checkpoint`)."""
     return {"head_layout": head_layout(model), "head_towers": head_towers(model),
-            "head_fpns": head_fpns(model)}
+            "head_fpns": head_fpns(model), "fpn_bodies": fpn_bodies(model)}
 
 
 def batch_transform(transform, images: list[Tensor], targets: list[dict] | None = None):

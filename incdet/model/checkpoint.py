@@ -4,13 +4,15 @@ A checkpoint records everything needed to rebuild and check the model of a step:
 
     {"format": "incdet", "version": 1, "step": t, "class_order": [ids], "steps": [[ids], ...],
      "names": {"id": name}, "head_layout": [K_0, ..., K_t], "head_towers": [0, ..., b_t],
-     "head_fpns": [0, ..., f_b], "config": {...}, "model": state_dict,
+     "head_fpns": [0, ..., f_b], "fpn_bodies": [0, ..., d_f], "config": {...}, "model": state_dict,
      "history": [metrics summary of steps <= t], "train_state": {...} or None}
 
 ``head_towers`` is the classification tower of each step (absent in checkpoints written before
 ``branch`` existed: all steps on tower 0); ``head_fpns`` the FPN each tower reads (absent
-before ``branch_from: fpn``: all read FPN 0). ``train_state`` (optimizer, scheduler, iteration, RNG
-states) is present only in the rolling ``last.pt`` of an unfinished step, for ``--resume``.
+before ``branch_from: fpn``: all read FPN 0); ``fpn_bodies`` the backbone body each FPN reads
+(absent before ``branch_from: backbone``: all read body 0). ``train_state`` (optimizer,
+scheduler, iteration, RNG states) is present only in the rolling ``last.pt`` of an unfinished
+step, for ``--resume``.
 """
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ def model_of(cfg: dict, ckpt: dict, source: str = "checkpoint"):
     ``cfg``'s model settings; on CPU, in training mode."""
     model = build_model(cfg["model"], ckpt["head_layout"], ckpt.get("head_towers"),
                         per_step_caps=caps_per_step(cfg), from_checkpoint=True,
-                        fpns=ckpt.get("head_fpns"))
+                        fpns=ckpt.get("head_fpns"), bodies=ckpt.get("fpn_bodies"))
     load_model_state(model, ckpt, cfg["model"], source)
     return model
 

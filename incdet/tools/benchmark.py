@@ -220,11 +220,17 @@ def main(argv=None) -> int:
             print(f"[merge] compression: student {k['distilled_ap']:.3f} = "
                   f"{k['distilled_over_labels_only']:.3f} x labels alone, "
                   f"{k['distilled_over_teacher']:.3f} x teacher, {k['speedup']:.2f} x images/s")
-            f = r["branch_from_fpn"]
-            print(f"[merge] branch_from fpn: new-class AP {f['new_ap']:.3f} = "
-                  f"{f['new_over_incdet']:.3f} x incdet's (tower {f['tower_new_over_incdet']:.3f}"
-                  f" x), old {f['old_ap']:.3f} (step 0 {f['step0_ap']:.3f}), images/s "
-                  f"{f['images_per_second']:.1f} (tower {f['tower_images_per_second']:.1f})")
+            for kind in ("fpn", "backbone"):
+                f = r[f"branch_from_{kind}"]
+                print(f"[merge] branch_from {kind}: new-class AP {f['new_ap']:.3f} = "
+                      f"{f['new_over_incdet']:.3f} x incdet's (tower "
+                      f"{f['tower_new_over_incdet']:.3f} x), old {f['old_ap']:.3f} (step 0 "
+                      f"{f['step0_ap']:.3f}), images/s {f['images_per_second']:.1f} (tower "
+                      f"{f['tower_images_per_second']:.1f})")
+            b = r["consolidation_backbone"]
+            print(f"[merge] branch_from backbone consolidated: {b['merged_ap']:.3f} = "
+                  f"{b['ratio']:.3f} x its branch model, {b['all_over_incdet_without_memory']:.3f}"
+                  f" x incdet without memory")
         else:
             name = PROTOCOLS[section]
             variants = {}
