@@ -188,14 +188,14 @@ def test_labelled_classes_learn_from_their_boxes_alone():
 
 
 def test_auto_settings_follow_the_use_merging_or_compressing():
-    auto = {"gamma": "auto", "box_thresh": "auto", "annotated": "auto"}
+    auto = {"gamma": "auto", "box_thresh": "auto", "annotated": "auto", "cls_weight": "auto"}
     assert resolve_settings(auto, True) == {"gamma": 0.0, "box_thresh": 0.2,
-                                            "annotated": "labels"}
+                                            "annotated": "labels", "cls_weight": 0.25}
     assert resolve_settings(auto, False) == {"gamma": 2.0, "box_thresh": 0.5,
-                                             "annotated": "distil"}
-    given = {"gamma": 1, "box_thresh": "0.3", "annotated": "distil"}
+                                             "annotated": "distil", "cls_weight": 1.0}
+    given = {"gamma": 1, "box_thresh": "0.3", "annotated": "distil", "cls_weight": 2}
     assert resolve_settings(given, True) == {"gamma": 1.0, "box_thresh": 0.3,
-                                             "annotated": "distil"}
+                                             "annotated": "distil", "cls_weight": 2.0}
     with pytest.raises(UserError, match=r"merge.gamma: 'high' is neither auto nor a number"):
         resolve_settings(dict(auto, gamma="high"), True)
     with pytest.raises(UserError, match=r"merge.box_thresh: -0.1 is negative"):
@@ -239,7 +239,8 @@ def test_merged_step_folder_evaluates_exports_and_continues(teachers, tmp_path):
     assert metrics["merge"]["transfer"]["labels"] is True  # step 1's boxes of 7 9 11
     # the student starts from teacher A: merging settings, 7 9 11 learnt from their boxes
     assert (metrics["merge"]["gamma"], metrics["merge"]["box_thresh"],
-            metrics["merge"]["annotated"]) == (0.0, 0.2, "labels")
+            metrics["merge"]["annotated"], metrics["merge"]["cls_weight"]) == \
+        (0.0, 0.2, "labels", 0.25)
     assert set(metrics["per_class_ap"]) == {"1", "2", "4", "5", "7", "9", "11"}
     assert json.loads((step_dir / "metrics.json").read_text()) == metrics
     ckpt = load_checkpoint(step_dir / "checkpoint.pt")
@@ -318,23 +319,29 @@ def test_benchmark_markdown_gives_the_merge_figures_against_their_goals():
     assert "(tower: 0.50) | 0.300 / 0.400 = 0.75; images/s 8.0 (tower 10.0) | ≥ 0.7 |" in text
 
 
-def test_a_branch_model_with_its_own_fpn_consolidates_into_one_tower(teachers, tmp_path):
-    """A branch step on its own FPN copy (two FPNs, two towers) merged alone into one stock
-    RetinaNet: the student starts from its shared parts, has one FPN and one tower, and exports
-    as a plain torchvision state dict (which the branch model cannot)."""
+@pytest.mark.parametrize("branch_from", ["fpn", "backbone"])
+def test_a_branch_model_with_its_own_fpn_consolidates_into_one_tower(teachers, tmp_path,
+                                                                     branch_from):
+    """A branch step on its own FPN copy (two FPNs, two towers; with ``backbone`` two bodies
+    too) merged alone into one stock RetinaNet: the student starts from its shared parts, has
+    one body, one FPN and one tower, and exports as a plain torchvision state dict (which the
+    branch model cannot)."""
     tmp, cfg_a = teachers
     work = tmp_path / "w"
     shutil.copytree(tmp / "a" / "step_0", work / "step_0")
-    cfg = load_config(cfg_a, ["incremental.method=branch", "incremental.branch_from=fpn"])
+    cfg = load_config(cfg_a, ["incremental.method=branch",
+                              f"incremental.branch_from={branch_from}"])
     run_step(cfg, 1, work, progress=False)
     branched = load_checkpoint(work / "step_1" / "checkpoint.pt")
     assert branched["head_fpns"] == [0, 1]
+    assert branched["fpn_bodies"] == [0, 1 if branch_from == "backbone" else 0]
     merged_cfg = load_config(cfg_a, ["merge.iters=2", "merge.transfer_step=1"])
     metrics = merge([work / "step_1"], tmp_path / "m", merged_cfg, progress=False)
     assert metrics["merge"]["answers"] == [[1, 2, 4, 5, 7, 9, 11]]
     ckpt = load_checkpoint(tmp_path / "m" / "step_1" / "checkpoint.pt")
     assert ckpt["head_towers"] == [0, 0] and ckpt["head_fpns"] == [0]
-    assert not any("fpn_branches" in k or "classification_head.branches" in k
+    assert ckpt["fpn_bodies"] == [0]
+    assert not any("_branches" in k or "classification_head.branches" in k
                    for k in ckpt["model"])
     meta = export(tmp_path / "m" / "step_1" / "checkpoint.pt", "state_dict", tmp_path / "s.pt")
     assert meta["category_ids"] == [1, 2, 4, 5, 7, 9, 11]

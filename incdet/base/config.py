@@ -190,6 +190,10 @@ DEFAULTS: dict[str, Any] = {
         # train them) | labels (their boxes alone; teachers distil the other classes) | auto
         # (labels when the student starts from a teacher's weights, else distil)
         "annotated": "auto",
+        # weight of the classification distillation in a merge (it replaces
+        # loss.weights.loss_distill_cls there); auto: 0.25 when the student starts from a
+        # teacher's weights (a stronger pull held the annotated classes back), else 1
+        "cls_weight": "auto",
         # a class several teachers know: error | first (the first teacher answers) | mean
         "overlap": "error",
         "labels": True,  # the transfer set's boxes train too, where it has them

@@ -23,13 +23,15 @@ starting point of the next incremental step.
   boxes kept for the classes of the union it annotates; ``merge.transfer_step: t`` keeps step
   ``t``'s images only (as that step trains: annotated for its classes); ``merge.labels: false``
   drops every box (pure distillation).
-* **Settings per use** (:func:`resolve_settings`): ``merge.gamma``, ``merge.box_thresh`` and
-  ``merge.annotated`` default to ``auto``: a student that starts from a teacher's weights is
-  *merging* (it must hold what it knows while it learns the rest: plain KL, boxes from
-  probability 0.2, the classes the transfer set annotates learnt from their boxes alone, not
-  also from a teacher that learnt them from fewer); an untrained student is *compressing* (it
-  learns everything from a teacher stronger than the labels: the focal weight gamma 2 on the
-  ~10^5 easy anchors, boxes from 0.5, every class distilled). metrics.json records the values.
+* **Settings per use** (:func:`resolve_settings`): ``merge.gamma``, ``merge.box_thresh``,
+  ``merge.annotated`` and ``merge.cls_weight`` default to ``auto``. A student that starts from
+  a teacher's weights is *merging*: it must hold what it already knows while it learns the
+  rest (plain KL, boxes from probability 0.2, the classes the transfer set annotates learnt
+  from their boxes alone, the classification distillation at weight 0.25 so that those
+  classes can move the shared features). An untrained student is *compressing*: it learns
+  everything from a teacher stronger than the labels (the focal weight gamma 2 on the ~10^5
+  easy anchors, boxes from 0.5, every class distilled, weight 1). metrics.json records the
+  values; benchmarks.md, "Merge and compress detectors", has the measurements behind them.
 * **Budget**: ``merge.iters``, else the config's step budget for the union's classes
   (``train.iters_per_class`` times their number, ``train.max_iters``, or ``train.epochs``).
 
@@ -70,7 +72,8 @@ ANNOTATED_RULES = ("auto", "distil", "labels")
 # merge.gamma / merge.box_thresh / merge.annotated under "auto": (student from a teacher's
 # weights: merging, consolidation), (student untrained: compression); benchmarks.md, "Merge and
 # compress detectors", measures both uses with both settings
-AUTO = {"gamma": (0.0, 2.0), "box_thresh": (0.2, 0.5), "annotated": ("labels", "distil")}
+AUTO = {"gamma": (0.0, 2.0), "box_thresh": (0.2, 0.5), "annotated": ("labels", "distil"),
+        "cls_weight": (0.25, 1.0)}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
@@ -191,7 +194,8 @@ def build_student(cfg: dict, merged: MergedClasses, first: Teacher) -> tuple:
 
 
 def resolve_settings(mcfg: dict, from_teacher: bool) -> dict:
-    """``merge.gamma``, ``merge.box_thresh`` and ``merge.annotated`` with ``auto`` resolved:
+    """``merge.gamma``, ``merge.box_thresh``, ``merge.annotated`` and ``merge.cls_weight`` with
+    ``auto`` resolved:
     the first value of :data:`AUTO` when the student starts from a teacher's weights, else the
     second. A value that is neither ``auto`` nor valid is a :class:`UserError` naming the key."""
     out = {}
@@ -327,7 +331,7 @@ def merge(teacher_specs: Sequence[str | Path], work_dir: str | Path, cfg: dict |
     iters = int(mcfg["iters"] or step_iterations(scfg, len(records), len(merged.order)))
     optimizer = build_optimizer(student, tcfg)
     scheduler = build_scheduler(optimizer, tcfg, iters)
-    weights = dict(scfg["loss"]["weights"])
+    weights = dict(scfg["loss"]["weights"], loss_distill_cls=settings["cls_weight"])
     step_dir.mkdir(parents=True, exist_ok=True)
     dump_config(scfg, step_dir / "config.yaml")
     result = train(student, criterion, loader, optimizer, scheduler, tcfg, weights, iters, device,
