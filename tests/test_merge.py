@@ -21,6 +21,7 @@ from incdet.experiment.step import run_step
 from incdet.model.builder import batch_transform, build_model
 from incdet.model.checkpoint import load_checkpoint
 from incdet.tools.merge import main as merge_main
+from incdet.train.distill import select_anchors, select_by_scores
 from incdet.train.merging import (
     MergeCriterion,
     MergeTeacher,
@@ -80,6 +81,28 @@ def test_classification_distillation_is_zero_with_zero_gradient_when_student_is_
     # normalised by the soft number of objects
     assert torch.isclose(soft_focal_distillation(other, target, conf * 2, 2.0, 2.0),
                          moved / 2, rtol=1e-5)
+
+
+def test_selected_anchors_alone_are_distilled_and_counted():
+    torch.manual_seed(1)
+    teacher = torch.randn(2, 40, 3) - 5.0  # background, and a few objects
+    teacher[:, :3, 0] += 8.0
+    target, conf = torch.sigmoid(teacher / 2.0), torch.sigmoid(teacher).amax(-1)
+    student = torch.randn(2, 40, 3).requires_grad_(True)
+    everywhere = torch.ones(2, 40, dtype=torch.bool)
+    assert torch.equal(soft_focal_distillation(student, target, conf, 2.0, 0.0, everywhere),
+                       soft_focal_distillation(student, target, conf, 2.0, 0.0))
+    mask = select_by_scores(conf, "erd")
+    assert torch.equal(mask, select_anchors(teacher, "erd"))
+    assert 0 < mask.sum() < mask.numel()
+    loss = soft_focal_distillation(student, target, conf, 2.0, 0.0, mask)
+    loss.backward()
+    assert student.grad[~mask].abs().max().item() == 0.0
+    assert student.grad[mask].abs().max().item() > 0.0
+    # the same as distilling the selected anchors alone, normalised by their confidence
+    alone = soft_focal_distillation(student[mask][None], target[mask][None], conf[mask][None],
+                                    2.0, 0.0)
+    assert torch.isclose(loss, alone, rtol=1e-6)
 
 
 def test_box_distillation_weighs_anchors_by_the_teachers_confidence():
@@ -188,13 +211,15 @@ def test_labelled_classes_learn_from_their_boxes_alone():
 
 
 def test_auto_settings_follow_the_use_merging_or_compressing():
-    auto = {"gamma": "auto", "box_thresh": "auto", "annotated": "auto", "cls_weight": "auto"}
-    assert resolve_settings(auto, True) == {"gamma": 0.0, "box_thresh": 0.2,
+    auto = {"gamma": "auto", "box_thresh": "auto", "annotated": "auto", "cls_weight": "auto",
+            "anchors": "auto"}
+    assert resolve_settings(auto, True) == {"gamma": 0.0, "box_thresh": 0.2, "anchors": "erd",
                                             "annotated": "labels", "cls_weight": 0.25}
-    assert resolve_settings(auto, False) == {"gamma": 2.0, "box_thresh": 0.5,
+    assert resolve_settings(auto, False) == {"gamma": 2.0, "box_thresh": 0.5, "anchors": "all",
                                              "annotated": "distil", "cls_weight": 1.0}
-    given = {"gamma": 1, "box_thresh": "0.3", "annotated": "distil", "cls_weight": 2}
-    assert resolve_settings(given, True) == {"gamma": 1.0, "box_thresh": 0.3,
+    given = {"gamma": 1, "box_thresh": "0.3", "annotated": "distil", "cls_weight": 2,
+             "anchors": "all"}
+    assert resolve_settings(given, True) == {"gamma": 1.0, "box_thresh": 0.3, "anchors": "all",
                                              "annotated": "distil", "cls_weight": 2.0}
     with pytest.raises(UserError, match=r"merge.gamma: 'high' is neither auto nor a number"):
         resolve_settings(dict(auto, gamma="high"), True)
@@ -202,6 +227,8 @@ def test_auto_settings_follow_the_use_merging_or_compressing():
         resolve_settings(dict(auto, box_thresh=-0.1), True)
     with pytest.raises(UserError, match="merge.annotated"):
         resolve_settings(dict(auto, annotated="both"), True)
+    with pytest.raises(UserError, match="merge.anchors"):
+        resolve_settings(dict(auto, anchors="topk"), True)
 
 
 def _write_config(path, dataset, split, **extra):
@@ -239,8 +266,8 @@ def test_merged_step_folder_evaluates_exports_and_continues(teachers, tmp_path):
     assert metrics["merge"]["transfer"]["labels"] is True  # step 1's boxes of 7 9 11
     # the student starts from teacher A: merging settings, 7 9 11 learnt from their boxes
     assert (metrics["merge"]["gamma"], metrics["merge"]["box_thresh"],
-            metrics["merge"]["annotated"], metrics["merge"]["cls_weight"]) == \
-        (0.0, 0.2, "labels", 0.25)
+            metrics["merge"]["annotated"], metrics["merge"]["cls_weight"],
+            metrics["merge"]["anchors"]) == (0.0, 0.2, "labels", 0.25, "erd")
     assert set(metrics["per_class_ap"]) == {"1", "2", "4", "5", "7", "9", "11"}
     assert json.loads((step_dir / "metrics.json").read_text()) == metrics
     ckpt = load_checkpoint(step_dir / "checkpoint.pt")

@@ -194,6 +194,11 @@ DEFAULTS: dict[str, Any] = {
         # loss.weights.loss_distill_cls there); auto: 0.25 when the student starts from a
         # teacher's weights (a stronger pull held the annotated classes back), else 1
         "cls_weight": "auto",
+        # anchors the classification distillation covers: all | erd (those where the
+        # teachers are confident: mean + 2 std of the image's highest probabilities, as
+        # incremental.anchors) | auto (erd when the student starts from a teacher's weights,
+        # else all)
+        "anchors": "auto",
         # a class several teachers know: error | first (the first teacher answers) | mean
         "overlap": "error",
         "labels": True,  # the transfer set's boxes train too, where it has them

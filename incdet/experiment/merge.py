@@ -24,13 +24,14 @@ starting point of the next incremental step.
   ``t``'s images only (as that step trains: annotated for its classes); ``merge.labels: false``
   drops every box (pure distillation).
 * **Settings per use** (:func:`resolve_settings`): ``merge.gamma``, ``merge.box_thresh``,
-  ``merge.annotated`` and ``merge.cls_weight`` default to ``auto``. A student that starts from
-  a teacher's weights is *merging*: it must hold what it already knows while it learns the
-  rest (plain KL, boxes from probability 0.2, the classes the transfer set annotates learnt
-  from their boxes alone, the classification distillation at weight 0.25 so that those
-  classes can move the shared features). An untrained student is *compressing*: it learns
-  everything from a teacher stronger than the labels (the focal weight gamma 2 on the ~10^5
-  easy anchors, boxes from 0.5, every class distilled, weight 1). metrics.json records the
+  ``merge.annotated``, ``merge.cls_weight`` and ``merge.anchors`` default to ``auto``. A
+  student that starts from a teacher's weights is *merging*: it must hold what it already
+  knows while it learns the rest (plain KL on the anchors where the teachers are confident,
+  ERD's rule, boxes from probability 0.2, the classes the transfer set annotates learnt from
+  their boxes alone, the classification distillation at weight 0.25 so that those classes
+  can move the shared features). An untrained student is *compressing*: it learns everything
+  from a teacher stronger than the labels (every anchor, the focal weight gamma 2 on the
+  ~10^5 easy ones, boxes from 0.5, every class distilled, weight 1). metrics.json records the
   values; benchmarks.md, "Merge and compress detectors", has the measurements behind them.
 * **Budget**: ``merge.iters``, else the config's step budget for the union's classes
   (``train.iters_per_class`` times their number, ``train.max_iters``, or ``train.epochs``).
@@ -68,12 +69,13 @@ from incdet.train.merging import MergeCriterion, MergeTeacher
 log = logging.getLogger(__name__)
 
 OVERLAP_RULES = ("error", "first", "mean")
-ANNOTATED_RULES = ("auto", "distil", "labels")
-# merge.gamma / merge.box_thresh / merge.annotated under "auto": (student from a teacher's
-# weights: merging, consolidation), (student untrained: compression); benchmarks.md, "Merge and
-# compress detectors", measures both uses with both settings
+# the merge settings that are a choice among names, not a number
+CHOICES = {"annotated": ("auto", "distil", "labels"), "anchors": ("auto", "all", "erd")}
+# every merge setting under "auto": (student from a teacher's weights: merging,
+# consolidation), (student untrained: compression); benchmarks.md, "Merge and compress
+# detectors", measures both uses with both settings
 AUTO = {"gamma": (0.0, 2.0), "box_thresh": (0.2, 0.5), "annotated": ("labels", "distil"),
-        "cls_weight": (0.25, 1.0)}
+        "cls_weight": (0.25, 1.0), "anchors": ("erd", "all")}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
@@ -194,8 +196,8 @@ def build_student(cfg: dict, merged: MergedClasses, first: Teacher) -> tuple:
 
 
 def resolve_settings(mcfg: dict, from_teacher: bool) -> dict:
-    """``merge.gamma``, ``merge.box_thresh``, ``merge.annotated`` and ``merge.cls_weight`` with
-    ``auto`` resolved:
+    """Every setting of :data:`AUTO` (``merge.gamma``, ``box_thresh``, ``annotated``,
+    ``cls_weight``, ``anchors``) with ``auto`` resolved:
     the first value of :data:`AUTO` when the student starts from a teacher's weights, else the
     second. A value that is neither ``auto`` nor valid is a :class:`UserError` naming the key."""
     out = {}
@@ -203,8 +205,8 @@ def resolve_settings(mcfg: dict, from_teacher: bool) -> dict:
         value = mcfg.get(key, "auto")
         if value == "auto":
             value = merging if from_teacher else compressing
-        elif key == "annotated":
-            check_choice("merge.annotated", value, ANNOTATED_RULES)
+        elif key in CHOICES:
+            check_choice(f"merge.{key}", value, CHOICES[key])
         else:
             try:
                 value = float(value)

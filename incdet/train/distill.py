@@ -42,7 +42,14 @@ def select_anchors(teacher_logits: torch.Tensor, rule: str = "erd", topk: int = 
     check_choice("incremental.anchors", rule, ANCHOR_RULES)
     if rule == "all":
         return torch.ones(teacher_logits.shape[:2], dtype=torch.bool, device=teacher_logits.device)
-    scores = teacher_logits.sigmoid().amax(dim=2)  # (N, HWA)
+    return select_by_scores(teacher_logits.sigmoid().amax(dim=2), rule, topk, std_factor)
+
+
+def select_by_scores(scores: torch.Tensor, rule: str = "erd", topk: int = 100,
+                     std_factor: float = 2.0) -> torch.Tensor:
+    """:func:`select_anchors` from (N, HWA) scores: each anchor's highest teacher probability."""
+    if rule == "all":
+        return torch.ones_like(scores, dtype=torch.bool)
     if rule == "erd":
         thr = scores.mean(dim=1, keepdim=True) + std_factor * scores.std(dim=1, keepdim=True)
         return scores > thr

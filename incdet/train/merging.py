@@ -17,7 +17,10 @@ teacher answers for them, in either term):
   few dozen that carry objects, as they would in a plain cross-entropy. The sum is divided by the
   soft number of objects, ``max(1, sum over anchors of max_c sigmoid(z_t))``, as the focal loss
   divides by the number of foreground anchors. It is zero, with a zero gradient, exactly when
-  the student's logits equal the targets' (both factors vanish).
+  the student's logits equal the targets' (both factors vanish). ``merge.anchors: erd`` keeps
+  only the anchors where the teachers are confident (ERD's rule,
+  :func:`incdet.train.distill.select_by_scores`, on that highest probability), in the sum and in
+  the normalisation.
 * **Boxes** (:func:`box_distillation`): at each anchor the teacher most confident there (its
   highest class probability at ``T = 1`` over the classes it answers for) gives the box, if that
   probability is at least ``merge.box_thresh``. The box is decoded in the teacher's image,
@@ -42,15 +45,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from incdet.base.errors import check_choice
 from incdet.model.builder import batch_anchors, batch_transform, forward_train
+from incdet.train.distill import select_by_scores
 from incdet.train.losses import DetectionLoss, decode_boxes, encode_boxes
 
 
 def soft_focal_distillation(student_logits: Tensor, target_prob: Tensor, target_conf: Tensor,
-                            temperature: float = 2.0, gamma: float = 2.0) -> Tensor:
+                            temperature: float = 2.0, gamma: float = 2.0,
+                            mask: Tensor | None = None) -> Tensor:
     """Classification distillation of (N, M, K) logits towards (N, M, K) target probabilities
     at ``temperature``; ``target_conf`` (N, M): the targets' highest probability at ``T = 1``
-    per anchor, whose sum (at least 1) normalises the loss (module docstring)."""
+    per anchor, whose sum (at least 1) normalises the loss (module docstring). ``mask`` (N, M):
+    only these anchors are distilled (and counted in the normalisation); None: every anchor."""
     t = float(temperature)
     p = target_prob.to(student_logits.dtype)
     s = student_logits / t
@@ -58,6 +65,9 @@ def soft_focal_distillation(student_logits: Tensor, target_prob: Tensor, target_
     # KL(p || q) for Bernoulli variables: BCE(q, p) minus the entropy of p
     kl = F.binary_cross_entropy_with_logits(s, p, reduction="none") - _entropy(p)
     weight = (p - q).abs().pow(gamma)
+    if mask is not None:
+        weight = weight * mask[..., None].to(weight.dtype)
+        target_conf = target_conf * mask.to(target_conf.dtype)
     norm = target_conf.sum().clamp(min=1.0)
     return (weight * kl).sum() * t ** 2 / norm
 
@@ -160,6 +170,8 @@ class MergeCriterion:
         self.temperature = float(mcfg["temperature"])
         self.gamma = float(mcfg["gamma"])
         self.box_thresh = float(mcfg["box_thresh"])
+        self.anchors = mcfg.get("anchors", "all")
+        check_choice("merge.anchors", self.anchors, ("all", "erd"))
         self.detection = detection
         counts = torch.zeros(self.num_classes)
         for t in self.teachers:
@@ -230,8 +242,9 @@ class MergeCriterion:
         logits = head_outputs["cls_logits"]
         if len(self.distilled) < self.num_classes:
             logits, prob = logits[:, :, self.distilled], prob[:, :, self.distilled]
+        mask = None if self.anchors == "all" else select_by_scores(conf, self.anchors)
         losses["loss_distill_cls"] = soft_focal_distillation(logits, prob, conf,
-                                                             self.temperature, self.gamma)
+                                                             self.temperature, self.gamma, mask)
         losses["loss_distill_box"] = box_distillation(head_outputs["bbox_regression"],
                                                       target_deltas, weight)
         return losses
