@@ -30,8 +30,10 @@ DEFAULTS: dict[str, Any] = {
         # image folder and annotation file (COCO json; VOC: the ImageSets list), under root
         "train": {"images": "images/train", "annotations": "annotations/train.json"},
         "val": {"images": "images/val", "annotations": "annotations/val.json"},  # validation
-        # Generate the built-in dataset at `root` when it is missing (generate: false: never).
-        "synthetic": {"generate": True, "num_train": 2000, "num_val": 300, "image_size": 128,
+        # true: generate the built-in dataset at `root` when that folder is missing or empty
+        # (never into a folder with other files). False by default so that a mistyped root is an
+        # error, not a silent switch to the built-in data; the shapes presets set it to true.
+        "synthetic": {"generate": False, "num_train": 2000, "num_val": 300, "image_size": 128,
                       "seed": 0},
         "val_max_images": None,  # evaluate on the first N validation images only (null: all)
         # every training image belongs to one step only (no image is trained at two steps): an

@@ -1,5 +1,9 @@
 """Loads the train / val subsets named by the ``data`` config section, in any supported format,
-generating the built-in dataset first when it is configured and missing."""
+generating the built-in dataset first when it is configured and its folder is missing or empty.
+
+A user's data is read-only: a folder that holds anything but the built-in dataset is never
+written to, whatever ``data.synthetic.generate`` says (design.md, "A user's data is read-only").
+"""
 from __future__ import annotations
 
 import logging
@@ -23,19 +27,35 @@ class Subset:
 
 
 def ensure_builtin(dcfg: dict, progress: bool = True) -> None:
-    """Generate the built-in dataset at ``data.root`` if it is configured and missing."""
+    """Generate the built-in dataset at ``data.root`` if it is configured and the folder is
+    missing or empty (or an interrupted generation); never write into anything else.
+
+    A folder with other files in it is the user's dataset and read-only: a missing annotation file
+    there is a :class:`UserError` naming the file, raised before anything is written (a broken
+    one is reported by :func:`load_coco` when it is read).
+    """
     syn = dcfg.get("synthetic") or {}
-    if dcfg["format"] != "coco" or not syn.get("generate"):
+    if dcfg["format"] != "coco":
         return
     root = Path(dcfg["root"])
-    if synthetic.is_complete(root):
+    state = synthetic.folder_state(root)
+    if syn.get("generate") and state in ("missing", "empty", "partial"):
+        log.info("generating the built-in dataset at %s", root)
+        synthetic.generate(root, num_train=syn["num_train"], num_val=syn["num_val"],
+                           image_size=syn["image_size"], seed=syn["seed"], progress=progress)
         return
-    if root.exists() and any(root.iterdir()) and not (root / "images").exists():
-        raise UserError(f"data.root {root} exists and is not a built-in dataset; point data.root "
-                        "elsewhere or set data.synthetic.generate to false")
-    log.info("generating the built-in dataset at %s", root)
-    synthetic.generate(root, num_train=syn["num_train"], num_val=syn["num_val"],
-                       image_size=syn["image_size"], seed=syn["seed"], progress=progress)
+    if state in ("missing", "empty"):
+        raise UserError(f"data.root {root} is {'empty' if state == 'empty' else 'missing'}; "
+                        "point data.root at your dataset, or set data.synthetic.generate: true "
+                        "to generate the built-in dataset there")
+    for subset in ("train", "val"):
+        ann = root / dcfg[subset]["annotations"]
+        if not ann.is_file():
+            found = sorted(str(p.relative_to(root)) for p in root.glob("annotations/*.json"))
+            hint = f" (found: {', '.join(found)})" if found else ""
+            raise UserError(f"{ann}: no such annotation file{hint}; data.root holds other files, "
+                            f"so incdet reads it as your dataset and writes nothing there: set "
+                            f"data.{subset}.annotations to your file (relative to data.root)")
 
 
 def load_subset(dcfg: dict, subset: str) -> Subset:

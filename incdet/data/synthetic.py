@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from incdet.base.errors import UserError
 from incdet.base.io import atomic_write_json
 
 CATEGORIES = [
@@ -36,6 +37,7 @@ CATEGORIES = [
 ]
 
 _SUBSETS = {"train": 0, "val": 1}
+MARKER = ".incdet-builtin.json"  # written first by generate(): this folder is ours to (re)write
 RADIUS = (0.05, 0.25)  # object radius as a fraction of the image side (log-uniform)
 _SS = 3  # supersampling factor for anti-aliased masks
 
@@ -161,10 +163,18 @@ def generate(root: str | os.PathLike, num_train: int = 2000, num_val: int = 300,
              image_size: int = 128, seed: int = 0, progress: bool = True) -> Path:
     """Write the dataset under ``root``: ``images/{train,val}/*.png``, ``annotations/*.json``.
 
-    The annotation files are written last and atomically, so a dataset with both JSON files is
-    complete; an interrupted run is simply regenerated.
+    ``root`` must be missing, empty or a folder this function wrote before (it holds
+    :data:`MARKER`, written first): generating never writes into a user's data. The annotation
+    files are written last and atomically, so a dataset with both JSON files is complete; an
+    interrupted run is simply regenerated.
     """
     root = Path(root)
+    if folder_state(root) == "other":
+        raise UserError(f"{root} holds files that the built-in generator did not write; it "
+                        "writes only into a missing or empty folder: choose another one")
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / MARKER, {"generator": "incdet.data.synthetic", "num_train": num_train,
+                                      "num_val": num_val, "image_size": image_size, "seed": seed})
     for subset, count in (("train", num_train), ("val", num_val)):
         img_dir = root / "images" / subset
         img_dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +194,29 @@ def generate(root: str | os.PathLike, num_train: int = 2000, num_val: int = 300,
                           {"images": images, "annotations": annotations,
                            "categories": [dict(c, supercategory="shape") for c in CATEGORIES]})
     return root
+
+
+def folder_state(root: str | os.PathLike) -> str:
+    """What ``root`` is, for deciding whether the built-in dataset may be written there.
+
+    ``missing`` or ``empty``: nothing to lose; ``builtin``: a complete built-in dataset (both
+    annotation files parse; datasets written before :data:`MARKER` existed count when the folder
+    holds nothing but ``images/`` and ``annotations/``); ``partial``: an interrupted generation
+    (:data:`MARKER` present, nothing but the generator's folders); ``other``: anything else, which is a user's data and read-only.
+    """
+    root = Path(root)
+    if not root.exists():
+        return "missing"
+    if not root.is_dir():
+        return "other"
+    entries = {p.name for p in root.iterdir()}
+    if not entries:
+        return "empty"
+    if not entries - {MARKER} <= {"images", "annotations"}:
+        return "other"
+    if is_complete(root):
+        return "builtin"
+    return "partial" if MARKER in entries else "other"
 
 
 def is_complete(root: str | os.PathLike) -> bool:
