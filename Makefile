@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-incdet
 WORK ?= runs/demo
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: setup demo test lint benchmark clean
+.PHONY: setup weights demo test lint benchmark clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# the ImageNet MobileNetV2 file into the torch hub cache, verified (model.weights of the
+# pretrained presets); a second call does nothing
+weights: setup
+	$(BIN)/python tools/fetch_weights.py
 
 demo: setup
 	# step 0: a trained 5-class detector, shipped as a torchvision state dict (demo/README.md)

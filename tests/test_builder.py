@@ -200,3 +200,45 @@ def test_batch_anchors_equal_the_generator_and_are_computed_once_per_shape():
         builder.batch_anchors(gen, ImageList(torch.rand(1, 3, 32, 32 + size), [(32, 32)]),
                               features)
     assert len(builder._ANCHOR_CACHE[gen]) == builder.ANCHOR_CACHE_SIZE
+
+
+def test_mobilenet_v2_has_torchvisions_body_and_loads_a_classification_state_dict(tmp_path):
+    torch.manual_seed(2)
+    reference = torchvision.models.mobilenet_v2(weights=None).eval()
+    path = tmp_path / "mnv2.pth"
+    torch.save(reference.state_dict(), path)  # features.* and the ImageNet classifier.*
+    model = build_model(dict(SMALL, backbone="mobilenet_v2", reduced_tail=False,
+                             weights=str(path), norm="batchnorm"), [2]).eval()
+    body = model.backbone.body
+    # torchvision's mobilenet_backbone names: body.<index of the block in features>
+    own = {k[len("backbone.body."):] for k in model.state_dict() if k.startswith("backbone.body.")}
+    assert own == {k[len("features."):] for k in reference.state_dict()
+                   if k.startswith("features.") and k[len("features."):].split(".")[0] in
+                   {n for n, _ in body.named_children()}}
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(list(body(x).values())[-1], reference.features(x))
+    with pytest.raises(UserError, match="mobilenet_v2 has no reduced tail"):
+        build_model(dict(SMALL, backbone="mobilenet_v2"), [2])
+
+
+@pytest.mark.parametrize("backbone, other", [("mobilenet_v2", "resnet18"),
+                                             ("resnet18", "mobilenet_v2"),
+                                             ("mobilenet_v3_large", "mobilenet_v2")])
+def test_weights_of_another_architecture_are_an_error_not_a_random_backbone(tmp_path, backbone,
+                                                                             other):
+    path = tmp_path / f"{other}.pth"
+    torch.save(getattr(torchvision.models, other)(weights=None).state_dict(), path)
+    with pytest.raises(UserError, match=rf"model.weights: \d+ of the {backbone} backbone's \d+ "
+                                        rf"tensors match the file's \d+ .*torchvision {backbone}"):
+        build_model(dict(SMALL, backbone=backbone, reduced_tail=False, weights=str(path)), [2])
+
+
+def test_a_file_missing_one_tensor_is_refused(tmp_path):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    del state["layer4.1.conv2.weight"]
+    path = tmp_path / "r18.pth"
+    torch.save(state, path)
+    with pytest.raises(UserError, match=r"99 of the resnet18 backbone's 100 tensors.*"
+                                        r"'layer4.1.conv2.weight'"):
+        build_model(dict(SMALL, backbone="resnet18", weights=str(path)), [2])

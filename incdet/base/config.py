@@ -48,8 +48,9 @@ DEFAULTS: dict[str, Any] = {
     # detector's (tools/import_detector.py writes them); an id in both must have the same name
     "categories": None,
     "model": {
-        # resnet18 | resnet34 | resnet50 | mobilenet_v3_large | mobilenet_v3_small (11 blocks,
-        # not 15: a shallower student for compression; benchmarks.md)
+        # resnet18 | resnet34 | resnet50 | mobilenet_v2 (ImageNet weights reachable here:
+        # make weights) | mobilenet_v3_large | mobilenet_v3_small (11 blocks, not 15: a
+        # shallower student for compression; benchmarks.md)
         "backbone": "mobilenet_v3_large",
         "weights": None,  # null | torchvision weights name (local cache only) | path to a file
         "width_mult": 1.0,  # mobilenets only: channel multiplier (from scratch)
@@ -109,6 +110,9 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 16,  # images per iteration and process (new images; memory replay adds)
         "optimizer": "adamw",  # sgd | adamw
         "lr": 0.007,  # AdamW at batch 16 (5e-3 was tuned at batch 8)
+        # learning rate of the backbone body (not its FPN) as a fraction of lr: below 1 for a
+        # pretrained body, which fine-tunes slower than the layers trained from scratch
+        "backbone_lr_scale": 1.0,
         "momentum": 0.9,  # sgd only
         "weight_decay": 0.05,  # not applied to biases and norm weights
         "schedule": "cosine",  # cosine | step

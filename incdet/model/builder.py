@@ -1,7 +1,10 @@
 """Builds a torchvision ``RetinaNet`` (sigmoid focal loss) with an FPN backbone and a growable head.
 
-Backbones: resnet18 / resnet34 / resnet50 (FPN on C3-C5, P6-P7 from P5) and mobilenet_v3_large
-(FPN on its last two stages, P6-P7 on top). ``model.weights`` is null (train from scratch, with
+Backbones: resnet18 / resnet34 / resnet50 (FPN on C3-C5, P6-P7 from P5) and mobilenet_v2 /
+mobilenet_v3_large / _small (FPN on the outputs at strides 8, 16 and 32, P6-P7 on top; the body's
+module names and state-dict keys are torchvision's ``mobilenet_backbone``'s, ``body.<i>``).
+Pretrained weights load strictly (:func:`load_pretrained`): a file of another architecture is an
+error, never a silently random backbone. ``model.weights`` is null (train from scratch, with
 trainable BatchNorm: a ``FrozenBatchNorm2d`` with random statistics normalises nothing), a
 torchvision weights name such as ``ResNet50_Weights.IMAGENET1K_V1`` read from the local torch hub
 cache (nothing is downloaded), or a path to a backbone ``state_dict`` file.
@@ -40,7 +43,8 @@ from incdet.base.devices import host_to_device
 from incdet.base.errors import UserError, check_choice
 from incdet.model.heads import IncrementalHead, norm_layer_for
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "mobilenet_v3_small")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large",
+             "mobilenet_v3_small")
 
 
 @torch.jit.unused
@@ -178,6 +182,38 @@ def load_state_dict_file(path: Path, key: str) -> dict:
     return state
 
 
+def load_pretrained(module: nn.Module, state: dict, name: str, ignore: tuple[str, ...] = (),
+                    key: str = "model.weights") -> int:
+    """Load ``state`` into ``module`` strictly: every tensor of the module (but ``ignore``d
+    prefixes, such as an ImageNet classifier the detector does not use) must be in the file with
+    its shape, and the file may hold nothing else. Otherwise one :class:`UserError` saying how
+    many tensors fit and which key names were expected, so that a file of another architecture
+    never leaves a network silently random. Returns the number of tensors loaded."""
+    def counted(keys):
+        return {k for k in keys if not k.startswith(ignore) and
+                not k.endswith("num_batches_tracked")}
+
+    own = module.state_dict()
+    want, given = counted(own), counted(state)
+    fits = {k for k in want & given if tuple(state[k].shape) == tuple(own[k].shape)}
+    if fits != want or given - want:
+        first = sorted(want - fits)[:1]
+        if first and first[0] in state:
+            detail = (f"'{first[0]}' is {tuple(state[first[0]].shape)} in the file, "
+                      f"{tuple(own[first[0]].shape)} in the backbone")
+        elif first:
+            found = (sorted(given - want) or ["nothing else"])[0]
+            detail = f"expected names such as '{first[0]}', found '{found}'"
+        else:
+            detail = f"the file also has '{sorted(given - want)[0]}'"
+        raise UserError(f"{key}: {len(fits)} of the {name} backbone's {len(want)} tensors match "
+                        f"the file's {len(given)} ({detail}): give the state dict of a "
+                        f"torchvision {name} (keys as in torchvision.models.{name}().state_dict())")
+    module.load_state_dict({k: v for k, v in state.items() if not k.startswith(ignore)},
+                           strict=False)  # every tensor was checked above
+    return len(fits)
+
+
 def _freeze(module: nn.Module, trainable: Sequence[str]) -> None:
     for name, param in module.named_parameters():
         if not any(name.startswith(t) for t in trainable):
@@ -206,7 +242,8 @@ def build_backbone(mcfg: dict, from_checkpoint: bool = False) -> BackboneWithFPN
     if name.startswith("resnet"):
         body = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
         if state is not None:
-            body.load_state_dict(state, strict=False)
+            # the ImageNet classifier (fc) is not part of the detector: a file may lack it
+            load_pretrained(body, state, name, ignore=("fc.",))
         stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
         if trainable_layers == 5:
             stages.append("bn1")
@@ -221,12 +258,19 @@ def build_backbone(mcfg: dict, from_checkpoint: bool = False) -> BackboneWithFPN
             raise UserError("model.width_mult / model.reduced_tail change the mobilenet's shape, "
                             "so pretrained model.weights do not fit it: set model.width_mult=1.0 "
                             "and model.reduced_tail=false")
+        if name == "mobilenet_v2":
+            if shape.pop("reduced_tail"):
+                raise UserError("model.reduced_tail: mobilenet_v2 has no reduced tail (a "
+                                "mobilenet_v3 setting); set model.reduced_tail=false")
         features = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer,
                                                      **shape).features
         if state is not None:
-            feature_state = {k[len("features."):]: v for k, v in state.items()
-                             if k.startswith("features.")}
-            features.load_state_dict(feature_state or state, strict=False)
+            # a classification state dict ("features.*" and the ImageNet "classifier.*", which
+            # the detector does not use) or the features' own state dict
+            if any(k.startswith("features.") for k in state):
+                state = {k[len("features."):] if k.startswith("features.") else k: v
+                         for k, v in state.items() if not k.startswith("classifier.")}
+            load_pretrained(features, state, name)
         stage_indices = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] \
             + [len(features) - 1]
         # torchvision's semantics: the last `trainable_layers` stages train (all from scratch)

@@ -14,7 +14,7 @@ from incdet.tools.cli import main_guard
 
 # the tools installed as console scripts ``incdet-<name with dashes>`` (setup.cfg lists them)
 CONSOLE = ("train_step", "run_protocol", "evaluate", "infer", "export", "import_detector",
-           "merge", "summarize", "make_dataset")
+           "merge", "summarize", "make_dataset", "fetch_weights")
 
 
 def _entry(name: str) -> Callable[[], int]:
@@ -35,3 +35,4 @@ import_detector = _entry("import_detector")
 merge = _entry("merge")
 summarize = _entry("summarize")
 make_dataset = _entry("make_dataset")
+fetch_weights = _entry("fetch_weights")
