@@ -225,8 +225,8 @@ def test_mobilenet_v2_has_torchvisions_body_and_loads_a_classification_state_dic
 @pytest.mark.parametrize("backbone, other", [("mobilenet_v2", "resnet18"),
                                              ("resnet18", "mobilenet_v2"),
                                              ("mobilenet_v3_large", "mobilenet_v2")])
-def test_weights_of_another_architecture_are_an_error_not_a_random_backbone(tmp_path, backbone,
-                                                                             other):
+def test_weights_of_another_architecture_are_an_error_not_a_random_backbone(
+        tmp_path, backbone, other):
     path = tmp_path / f"{other}.pth"
     torch.save(getattr(torchvision.models, other)(weights=None).state_dict(), path)
     with pytest.raises(UserError, match=rf"model.weights: \d+ of the {backbone} backbone's \d+ "

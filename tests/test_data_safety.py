@@ -4,12 +4,12 @@ import hashlib
 import shutil
 
 import pytest
-
-from conftest import write_coco
 from test_errors import _assert_clear_error, _run
 
 from incdet.base.errors import UserError
 from incdet.data import synthetic
+
+from conftest import write_coco
 
 
 def _snapshot(root):
@@ -44,8 +44,8 @@ train: {{max_iters: 1, batch_size: 4, num_workers: 0, warmup_iters: 1}}
     return path
 
 
-def test_differently_named_annotations_are_an_error_and_nothing_is_written(user_folder, tmp_path,
-                                                                            capsys):
+def test_differently_named_annotations_are_an_error_and_nothing_is_written(
+        user_folder, tmp_path, capsys):
     before = _snapshot(user_folder)
     rc, err = _run(capsys, _config(tmp_path, user_folder), tmp_path / "w")
     _assert_clear_error(rc, err, tmp_path / "w", str(user_folder / "annotations" / "train.json"),

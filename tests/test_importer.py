@@ -156,6 +156,9 @@ def test_later_steps_grow_the_imported_head(tmp_path, tiny_dataset):
     assert after.shape[-1] == 10 and torch.equal(after[..., :5], before)
     m = run_step(cfg, 1, tmp_path / "w", progress=False)
     assert m["classes"]["old"] == [s["id"] for s in slots] and m["step"] == 1
+    # one writer: the imported step 0 and the trained step 1 share metrics.json's schema
+    assert set(metrics) - {"imported"} == set(m) and set(metrics["train"]) == set(m["train"])
+    assert metrics["train"]["device"] == "cpu" and metrics["config_digest"]
 
 
 def test_branch_after_import_keeps_old_detections_and_ap(tmp_path, tiny_dataset):

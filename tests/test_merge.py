@@ -18,6 +18,7 @@ from incdet.experiment.merge import (
     union_classes,
 )
 from incdet.experiment.step import run_step
+from incdet.experiment.step_folder import config_digest
 from incdet.model.builder import batch_transform, build_model
 from incdet.model.checkpoint import load_checkpoint
 from incdet.tools.merge import main as merge_main
@@ -270,6 +271,11 @@ def test_merged_step_folder_evaluates_exports_and_continues(teachers, tmp_path):
             metrics["merge"]["anchors"]) == (0.0, 0.2, "labels", 0.25, "erd")
     assert set(metrics["per_class_ap"]) == {"1", "2", "4", "5", "7", "9", "11"}
     assert json.loads((step_dir / "metrics.json").read_text()) == metrics
+    # one writer: a merged step's metrics.json has a trained step's schema, plus its own section
+    trained = json.loads((tmp / "a" / "step_0" / "metrics.json").read_text())
+    assert set(metrics) - {"merge"} == set(trained) and set(metrics["train"]) == \
+        set(trained["train"])
+    assert metrics["config_digest"] == config_digest(load_config(step_dir / "config.yaml"))
     ckpt = load_checkpoint(step_dir / "checkpoint.pt")
     assert ckpt["head_layout"] == [4, 3] and ckpt["head_towers"] == [0, 0]
     assert not any("teacher" in k for k in ckpt["model"])

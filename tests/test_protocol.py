@@ -19,7 +19,12 @@ def test_protocol_shares_step_0_and_skips_completed_steps(tiny_config, tmp_path)
     # step 0 was trained once: the copies hold the very same checkpoint bytes
     a = (tmp_path / "incdet" / "step_0" / "checkpoint.pt").read_bytes()
     assert (tmp_path / "finetune" / "step_0" / "checkpoint.pt").read_bytes() == a
-    assert res["finetune"][0] == res["incdet"][0]
+    # the same step 0, declared complete for each variant's own config
+    own = {"config_digest", "shared_from"}
+    assert {k: v for k, v in res["finetune"][0].items() if k not in own} == \
+        {k: v for k, v in res["incdet"][0].items() if k not in own}
+    assert res["finetune"][0]["shared_from"] == str(tmp_path / "incdet" / "step_0")
+    assert res["finetune"][0]["config_digest"] != res["incdet"][0]["config_digest"]
     assert res["finetune"][1]["method"] == "finetune" and res["joint"][1]["method"] == "joint"
     # joint is the equal-compute upper bound: both steps' budgets (3 + 3 iterations)
     assert res["incdet"][1]["train"]["iterations"] == 3

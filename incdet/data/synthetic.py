@@ -202,7 +202,8 @@ def folder_state(root: str | os.PathLike) -> str:
     ``missing`` or ``empty``: nothing to lose; ``builtin``: a complete built-in dataset (both
     annotation files parse; datasets written before :data:`MARKER` existed count when the folder
     holds nothing but ``images/`` and ``annotations/``); ``partial``: an interrupted generation
-    (:data:`MARKER` present, nothing but the generator's folders); ``other``: anything else, which is a user's data and read-only.
+    (:data:`MARKER` present, nothing but the generator's folders); ``other``: anything else,
+    which is a user's data and read-only.
     """
     root = Path(root)
     if not root.exists():

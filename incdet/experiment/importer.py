@@ -21,15 +21,16 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from torchvision.models.detection import RetinaNet
 
-from incdet.base.config import DEFAULTS, apply_overrides, dump_config, strip_private
+from incdet.base.config import DEFAULTS, apply_overrides, strip_private
 from incdet.base.devices import resolve_device
 from incdet.base.errors import UserError
-from incdet.base.io import atomic_write_json
 from incdet.evaluation.coco_eval import METRIC_KEYS, evaluate_model, format_table
 from incdet.experiment.loaders import load_experiment
-from incdet.model.checkpoint import model_of, save_checkpoint
+from incdet.experiment.step_folder import completed, write_step
+from incdet.model.checkpoint import model_of
 from incdet.model.torchvision import import_model
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def import_detector(model: RetinaNet, slots: Sequence[dict | None], cfg: dict,
             "method": "imported", "model": state, "history": [], "train_state": None}
     incdet_model = model_of(cfg, ckpt, source).eval()  # checks that the weights fit
     groups = {"old": (), "new": tuple(ids), "all": tuple(ids), "step_0": tuple(ids)}
+    device = torch.device("cpu")  # where the weights were converted, when not evaluated
     if evaluate:
         _, val_set, classes = load_experiment(cfg, progress)
         device = resolve_device(cfg["train"]["device"])
@@ -80,11 +82,8 @@ def import_detector(model: RetinaNet, slots: Sequence[dict | None], cfg: dict,
                "map": {k: evaluation["groups"][k] for k in ("old", "new", "all")},
                "groups": {"step_0": evaluation["groups"]["step_0"]},
                "per_class_ap": evaluation["per_class_ap"], "forgetting": {},
-               "train": {"seconds": 0.0, "iterations": 0, "images_per_second": 0.0,
-                         "images": 0},
                "imported": {"source": source, "evaluated": evaluate}}
-    step_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, step_dir / "config.yaml")
-    save_checkpoint(step_dir / "checkpoint.pt", ckpt)
-    atomic_write_json(step_dir / "metrics.json", metrics)  # last: the step is complete
-    return metrics
+    model_part = {k: ckpt[k] for k in ("class_order", "steps", "names", "head_layout",
+                                       "head_towers", "model", "history")}
+    completed(step_dir, cfg, force=True)  # --force: the old result goes before the new one
+    return write_step(step_dir, cfg, model_part, metrics, device, {})

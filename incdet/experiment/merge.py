@@ -49,10 +49,9 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from incdet.base.config import dump_config, strip_private, with_defaults
+from incdet.base.config import dump_config, with_defaults
 from incdet.base.devices import resolve_device, seed_everything
 from incdet.base.errors import UserError, check_choice
-from incdet.base.io import atomic_write_json
 from incdet.data.classes import ClassSpace
 from incdet.data.dataset import DetectionDataset, make_loader
 from incdet.data.records import ImageRecord, filter_for_classes
@@ -60,8 +59,9 @@ from incdet.data.transforms import build_train_transform
 from incdet.evaluation.coco_eval import METRIC_KEYS, evaluate_model, format_table
 from incdet.experiment.loaders import load_experiment
 from incdet.experiment.methods import step_iterations
+from incdet.experiment.step_folder import completed, write_step
 from incdet.model.builder import build_model, head_record
-from incdet.model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from incdet.model.checkpoint import load_checkpoint, model_from_checkpoint
 from incdet.train.engine import apply_deterministic, build_optimizer, build_scheduler, train
 from incdet.train.losses import DetectionLoss
 from incdet.train.merging import MergeCriterion, MergeTeacher
@@ -293,6 +293,7 @@ def merge(teacher_specs: Sequence[str | Path], work_dir: str | Path, cfg: dict |
     step_dir = Path(work_dir) / f"step_{t}"
     if (step_dir / "metrics.json").is_file() and not force:
         raise UserError(f"{step_dir}: already exists; use another --work-dir or --force")
+    completed(step_dir, cfg, force=True)  # --force: the old result goes before the new run
     scfg = student_config(cfg, merged)
     train_set = val_set = data_classes = None
     try:
@@ -361,18 +362,15 @@ def merge(teacher_specs: Sequence[str | Path], work_dir: str | Path, cfg: dict |
         "map": {k: evaluation["groups"][k] for k in ("old", "new", "all")},
         "groups": {k: v for k, v in evaluation["groups"].items() if k.startswith("step_")},
         "per_class_ap": evaluation["per_class_ap"], "forgetting": {},
-        "train": {"seconds": round(result.seconds, 2), "iterations": result.iterations,
-                  "images_per_second": round(result.images_per_second, 2),
-                  "images": len(records)},
         "merge": {"teachers": [tch.source for tch in teachers],
                   "answers": [[merged.order[s] for s, _ in ans] for ans in merged.answers],
                   "overlap": mcfg["overlap"], "transfer": transfer, **settings,
                   "student_from_first_teacher": f"{copied}/{total} tensors"},
     }
-    save_checkpoint(step_dir / "checkpoint.pt", {
-        "step": t, "class_order": list(merged.order), "steps": [list(s) for s in merged.steps],
-        "names": {str(c): n for c, n in merged.names.items()},
-        **head_record(student), "config": strip_private(scfg), "method": "merge",
-        "model": student.state_dict(), "history": history, "train_state": None})
-    atomic_write_json(step_dir / "metrics.json", metrics)  # last: the step is complete
-    return metrics
+    ckpt = {"class_order": list(merged.order), "steps": [list(s) for s in merged.steps],
+            "names": {str(c): n for c, n in merged.names.items()}, **head_record(student),
+            "model": student.state_dict(), "history": history}
+    train_record = {"seconds": result.seconds, "iterations": result.iterations,
+                    "skipped_steps": result.skipped_steps,
+                    "images_per_second": result.images_per_second, "images": len(records)}
+    return write_step(step_dir, scfg, ckpt, metrics, device, train_record)

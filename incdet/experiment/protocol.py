@@ -11,6 +11,7 @@ it stopped.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -18,10 +19,12 @@ from tqdm import tqdm
 
 from incdet.base.config import apply_overrides, load_config
 from incdet.base.errors import UserError
+from incdet.base.io import atomic_write_json
 from incdet.experiment.exemplars import write_memory
 from incdet.experiment.loaders import load_experiment
 from incdet.experiment.methods import memory_enabled
 from incdet.experiment.step import run_step
+from incdet.experiment.step_folder import config_digest
 
 # Settings that do not change how step 0 is trained (only later steps, or what is saved after).
 _STEP0_NEUTRAL = ("incremental", "memory")
@@ -57,7 +60,7 @@ def with_step0(cfg: dict, step0: str | Path) -> dict:
 
 def run_protocol(cfg: dict, work_dir: str | Path, variants: dict[str, list[str]],
                  progress: bool = True, joint_last_only: bool = False,
-                 step0: str | Path | None = None) -> dict[str, list[dict]]:
+                 step0: str | Path | None = None, force: bool = False) -> dict[str, list[dict]]:
     """Returns ``{variant: [metrics of step 0, 1, ...]}``.
 
     ``joint_last_only``: a ``joint`` variant trains only the last step (from scratch on every
@@ -65,8 +68,15 @@ def run_protocol(cfg: dict, work_dir: str | Path, variants: dict[str, list[str]]
     ``step0``: a finished step-0 folder (for example an imported detector's
     ``W/step_0``) that every variant starts from instead of training its own; its config's
     ``model`` settings and ``categories`` replace ``cfg``'s (they must fit its weights).
+    ``force``: every variant's steps are trained again (their completed results and interrupted
+    states are removed first); without it a completed step of another config is an error.
     """
     work_dir = Path(work_dir)
+    if force:
+        for name in variants:
+            for path in [*(work_dir / name).glob("step_*/metrics.json"),
+                         *(work_dir / name).glob("step_*/last.pt")]:
+                path.unlink()
     if step0 is not None:
         step0 = Path(step0)
         cfg = with_step0(cfg, step0)
@@ -121,4 +131,9 @@ def share_step0(source: Path, vdir: Path, cfg: dict, progress: bool) -> None:
             shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
     if uses_memory and not (dst / "memory.json").is_file():
         write_memory(cfg, 0, vdir, progress)
-    shutil.copy2(src / "metrics.json", dst / "metrics.json")  # last: the folder is complete
+    # last: the folder is complete. The protocol shares this step 0 with the variant (their
+    # step-0 settings agree, or it starts from --step0): it is complete for the variant's config
+    metrics = json.loads((src / "metrics.json").read_text())
+    metrics["config_digest"] = config_digest(cfg)
+    metrics["shared_from"] = str(src)
+    atomic_write_json(dst / "metrics.json", metrics)

@@ -19,7 +19,6 @@ from incdet.base import distributed as dist
 from incdet.base.config import dump_config, strip_private
 from incdet.base.devices import resolve_device, seed_everything
 from incdet.base.errors import UserError
-from incdet.base.io import atomic_write_json
 from incdet.data.classes import ClassSpace
 from incdet.data.disjoint import training_records
 from incdet.data.sampler import check_replay_mode
@@ -28,6 +27,7 @@ from incdet.experiment import methods
 from incdet.experiment.evaluate import metric_groups
 from incdet.experiment.exemplars import balanced_finetune, select_memory
 from incdet.experiment.loaders import _shuffle_generator, load_experiment, train_loader
+from incdet.experiment.step_folder import check_same_config, completed, write_step
 from incdet.model.builder import head_record, keep_frozen_norms
 from incdet.model.checkpoint import (
     check_compatible,
@@ -40,7 +40,6 @@ from incdet.train.engine import (
     apply_keep_freed_memory,
     build_optimizer,
     build_scheduler,
-    device_record,
     reset_peak_memory,
     resolve_num_workers,
     train,
@@ -71,12 +70,13 @@ def run_step(cfg: dict, t: int, work_dir: str | Path, resume: bool = False, forc
     ``write`` (checkpoint, memory and, last, metrics.json). With several processes, the others
     train alongside rank 0 and then wait for it to finish the step."""
     metrics_path = Path(work_dir) / f"step_{t}" / "metrics.json"
-    if metrics_path.is_file() and not force:
-        log.info("step %d is already complete (%s); pass --force to train it again", t,
-                 metrics_path)
-        return json.loads(metrics_path.read_text())
+    done = completed(metrics_path.parent, cfg, force and dist.is_main())
+    if done is not None:
+        log.info("step %d is already complete with this config (%s); pass --force to train it "
+                 "again", t, metrics_path)
+        return done
     run = StepRun.prepare(cfg, t, Path(work_dir), progress)
-    run.restore(resume)
+    run.restore(resume and not force)
     if not run.main:
         run.train(None)
         dist.barrier()
@@ -188,6 +188,7 @@ class StepRun:
             state = load_checkpoint(last_path)
             check_compatible(state, last_path, list(self.classes.order), self.base["steps"],
                              self.t)
+            check_same_config(last_path, state.get("config"), self.cfg, "was interrupted")
             load_model_state(self.student, state, self.cfg["model"], last_path)
             ts = state["train_state"]
             self.optimizer.load_state_dict(ts["optimizer"])
@@ -278,22 +279,12 @@ class StepRun:
         history.append({"step": t, "groups": {k: v["AP"] for k, v in evaluation["groups"].items()
                                               if k.startswith("step_")}})
         metrics = {
-            "step": t,
-            "method": self.method,
-            # which images a step trains on: each at every step of its classes, or at one only
-            "protocol": "disjoint" if self.cfg["data"]["disjoint_steps"] else "standard",
+            "step": t, "method": self.method,
             "classes": {"old": list(sc.old), "new": list(sc.new)},
             "map": {k: evaluation["groups"][k] for k in ("old", "new", "all")},
             "groups": {k: v for k, v in evaluation["groups"].items() if k.startswith("step_")},
             "per_class_ap": evaluation["per_class_ap"],
             "forgetting": _forgetting(history, evaluation["groups"], t),
-            "train": {"seconds": round(result.seconds, 2), "iterations": result.iterations,
-                      "skipped_steps": result.skipped_steps,
-                      "images_per_second": round(result.images_per_second, 2),
-                      "images": len(self.loader.dataset),
-                      **device_record(self.device, self.cfg["train"]),
-                      "keep_freed_memory": self.kept_memory,
-                      "deterministic": bool(self.cfg["train"].get("deterministic"))},
         }
         if self.method == "joint":  # which reference this is: equal compute (default) or one step
             metrics["joint_budget"] = self.cfg["incremental"].get("joint_budget", "equal")
@@ -303,17 +294,20 @@ class StepRun:
                                 if line.strip()]
             metrics["curve"].append({"iteration": self.total_iters,
                                      "AP": evaluation["groups"]["all"]["AP"]})
+        memory_json = None
         if new_memory is not None:
-            atomic_write_json(step_dir / "memory.json",
-                              new_memory.to_json(self.cfg["data"]["root"],
-                                                 self.train_set.categories, t))
+            memory_json = new_memory.to_json(self.cfg["data"]["root"], self.train_set.categories,
+                                             t)
             metrics["memory"] = {"images": len(new_memory),
                                  "replayed_from_previous": 0 if self.memory is None
                                  else len(self.memory)}
-        save_checkpoint(step_dir / "checkpoint.pt",
-                        dict(self.base, **head_record(self.student),
-                             model=self.student.state_dict(), history=history, train_state=None))
-        atomic_write_json(step_dir / "metrics.json", metrics)
+        ckpt = dict(self.base, **head_record(self.student), model=self.student.state_dict(),
+                    history=history)
+        train = {"seconds": result.seconds, "iterations": result.iterations,
+                 "skipped_steps": result.skipped_steps,
+                 "images_per_second": result.images_per_second,
+                 "images": len(self.loader.dataset), "keep_freed_memory": self.kept_memory}
+        metrics = write_step(step_dir, self.cfg, ckpt, metrics, self.device, train, memory_json)
         if (step_dir / "last.pt").exists():
             (step_dir / "last.pt").unlink()
         log.info("step %d evaluation (%s):\n%s", t, self.method,

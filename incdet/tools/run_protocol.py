@@ -37,6 +37,9 @@ def main(argv=None) -> int:
                         metavar="KEY=VALUE", help="override a config value for every method")
     parser.add_argument("--pictures", type=int, default=3, metavar="N",
                         help="validation images in detections.png (0: none)")
+    parser.add_argument("--force", action="store_true",
+                        help="train every step again, also those already complete (without it, "
+                             "a completed step of another config is an error)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     setup_logging()
@@ -49,7 +52,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     progress = not args.no_progress
     results = run_protocol(cfg, args.work_dir, method_variants(methods), progress=progress,
-                           step0=args.step0)
+                           step0=args.step0, force=args.force)
     if args.step0:
         cfg = with_step0(cfg, args.step0)
     _, val_set, classes = load_experiment(cfg, progress=False)
