@@ -37,7 +37,8 @@ def test_two_process_step_writes_one_valid_step_folder(tiny_config, tmp_path):
     assert len(list(step.glob("events.out.tfevents*"))) == 1
     # the step is complete: running it again (one process) skips it
     r2 = subprocess.run([sys.executable, "tools/train_step.py", "--config", str(tiny_config),
-                         "--step", "0", "--work-dir", str(work), "--no-progress"], cwd=ROOT,
+                         "--step", "0", "--work-dir", str(work), "--no-progress", "--set",
+                         "train.max_iters=4"], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0 and "already complete" in r2.stderr + r2.stdout
 
