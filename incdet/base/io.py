@@ -4,6 +4,7 @@ A reader never sees a half-written file, and an interrupted write leaves the old
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -22,12 +23,27 @@ def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) ->
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the finished temporary file ``tmp`` to ``path``, readable as a normal file
+    (mkstemp's 0600 would hide it from other users)."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
 
 
 def _umask() -> int:

@@ -27,7 +27,7 @@ import yaml
 from incdet import __version__
 from incdet.base.config import differing_keys, dump_config, strip_private
 from incdet.base.errors import UserError
-from incdet.base.io import atomic_write_json
+from incdet.base.io import atomic_write_json, sha256_file
 from incdet.model.checkpoint import save_checkpoint
 from incdet.train.engine import device_record
 
@@ -66,11 +66,7 @@ def data_files(cfg: dict) -> dict[str, str]:
     for subset in ("train", "val"):
         path = root / cfg["data"][subset]["annotations"]
         if path.is_file():
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            out[str(path)] = h.hexdigest()
+            out[str(path)] = sha256_file(path)
     return out
 
 

