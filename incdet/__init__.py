@@ -22,8 +22,8 @@ bench         benchmarks, one module per section of ``tools/benchmark.py``
 tools         command-line tools: parse arguments, call the layers below
 ============  ==========================================================================
 """
+from incdet.base.version import __version__
 from incdet.deploy.detector import Detector, load_detector
 
-__version__ = "0.1.0"
 __all__ = ["load_detector", "Detector"]
 LAYERS = ("base", "data", "model", "train", "evaluation", "experiment", "deploy", "bench", "tools")

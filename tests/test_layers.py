@@ -27,6 +27,11 @@ def layer_of(module: str) -> int:
     return incdet.LAYERS.index(parts[1])
 
 
+def layer_name(module: str) -> str:
+    index = layer_of(module)
+    return incdet.LAYERS[index] if index < len(incdet.LAYERS) else "the package root"
+
+
 def imports(path: Path):
     """``(line, imported incdet module or third-party name, top_level, comment)`` per import."""
     source = path.read_text()
@@ -78,9 +83,8 @@ def test_every_module_imports_downward_at_the_top_of_its_file():
                                     "at the top (a cycle it dodges means a module is in the "
                                     "wrong layer)")
                 elif layer_of(name) > layer_of(here):
-                    problems.append(f"{rel}:{line}: {here} (layer "
-                                    f"{incdet.LAYERS[layer_of(here)]}) imports {name} (layer "
-                                    f"{incdet.LAYERS[layer_of(name)]}), a higher layer")
+                    problems.append(f"{rel}:{line}: {here} (layer {layer_name(here)}) imports "
+                                    f"{name} (layer {layer_name(name)}), a higher layer")
             elif not top_level and not (name.startswith(LAZY_ALLOWED) and comment):
                 problems.append(f"{rel}:{line}: imports {name} inside a function; only optional "
                                 f"or heavy packages ({', '.join(LAZY_ALLOWED)}) may be, with a "
@@ -130,3 +134,10 @@ def test_the_checks_find_what_they_look_for():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert layer_of("incdet.base.errors") < layer_of("incdet.model.builder") < \
         layer_of("incdet.tools.cli") < layer_of("incdet")
+
+
+def test_the_version_is_the_same_in_the_package_and_in_setup_cfg():
+    setup_cfg = (PACKAGE.parent / "setup.cfg").read_text()
+    declared = [line.split("=", 1)[1].strip() for line in setup_cfg.splitlines()
+                if line.replace(" ", "").startswith("version=")]
+    assert declared == [incdet.__version__]

@@ -24,10 +24,10 @@ import torch
 import torchvision
 import yaml
 
-from incdet import __version__
 from incdet.base.config import differing_keys, dump_config, strip_private
 from incdet.base.errors import UserError
 from incdet.base.io import atomic_write_json, sha256_file
+from incdet.base.version import __version__
 from incdet.model.checkpoint import save_checkpoint
 from incdet.train.engine import device_record
 
