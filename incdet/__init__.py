@@ -25,5 +25,5 @@ tools         command-line tools: parse arguments, call the layers below
 from incdet.base.version import __version__
 from incdet.deploy.detector import Detector, load_detector
 
-__all__ = ["load_detector", "Detector"]
+__all__ = ["load_detector", "Detector", "__version__"]
 LAYERS = ("base", "data", "model", "train", "evaluation", "experiment", "deploy", "bench", "tools")

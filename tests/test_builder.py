@@ -208,8 +208,12 @@ def test_mobilenet_v2_has_torchvisions_body_and_loads_a_classification_state_dic
     path = tmp_path / "mnv2.pth"
     torch.save(reference.state_dict(), path)  # features.* and the ImageNet classifier.*
     model = build_model(dict(SMALL, backbone="mobilenet_v2", reduced_tail=False,
-                             weights=str(path), norm="batchnorm"), [2]).eval()
+                             weights=str(path)), [2]).eval()
     body = model.backbone.body
+    # model.norm auto: a MobileNet with weights trains its BatchNorm (a ResNet's stays frozen)
+    norms = [m for m in body.modules() if type(m).__name__.endswith("Norm2d")]
+    assert {type(m) for m in norms} == {torch.nn.BatchNorm2d}
+    assert norms[-1].weight.requires_grad  # the last stage trains (trainable_layers: 5)
     # torchvision's mobilenet_backbone names: body.<index of the block in features>
     own = {k[len("backbone.body."):] for k in model.state_dict() if k.startswith("backbone.body.")}
     assert own == {k[len("features."):] for k in reference.state_dict()

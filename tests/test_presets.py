@@ -50,3 +50,49 @@ def test_long_protocols_share_one_equal_compute_joint(name):
     budgets = [training_budget(cfg, classes, [], t, 1) for t in range(classes.num_steps)]
     assert budgets == [290 * len(s) for s in classes.steps]
     assert incremental_iterations(cfg, classes, [], classes.num_steps - 1) == sum(budgets) == 2900
+
+
+PRETRAINED = sorted((ROOT / "configs" / "pretrained").glob("*.yaml"))
+
+
+def test_every_pretrained_preset_is_its_scratch_preset_with_the_imagenet_recipe():
+    """configs/pretrained/NAME.yaml runs the protocol of configs/NAME.yaml (same data, split and
+    class order) from torchvision's ImageNet MobileNetV2; and the regimes' protocols each share
+    one equal-compute joint, the pretrained joint preset's budget."""
+    from incdet.experiment.methods import incremental_iterations
+
+    assert [p.stem for p in PRETRAINED] == ["shapes_2step", "shapes_4step", "shapes_6step",
+                                            "shapes_joint"]
+    joint = load_config(ROOT / "configs" / "pretrained" / "shapes_joint.yaml")
+    joint_classes = ClassSpace(SHAPES, joint["split"], joint["class_order"])
+    joint_budget = incremental_iterations(joint, joint_classes, [], 0)
+    assert joint_budget == 1200
+    for path in PRETRAINED:
+        cfg, scratch = load_config(path), load_config(ROOT / "configs" / path.name)
+        for key in ("data", "split", "class_order", "incremental", "memory", "merge"):
+            assert cfg[key] == scratch[key], (path.name, key)
+        assert (cfg["model"]["backbone"], cfg["model"]["weights"]) == \
+            ("mobilenet_v2", "MobileNet_V2_Weights.IMAGENET1K_V1")
+        assert cfg["model"]["norm"] == "batchnorm" and cfg["train"]["backbone_lr_scale"] == 0.3
+        classes = ClassSpace(SHAPES, cfg["split"], cfg["class_order"])
+        assert incremental_iterations(cfg, classes, [], classes.num_steps - 1) == joint_budget
+
+
+def test_benchmark_regime_names_the_missing_preset_and_sections_list_their_choices(
+        tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_tool", ROOT / "tools" / "benchmark.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--regime", "pretrained", "--sections", "2step-disjoint", "--out",
+                   str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "configs/pretrained/shapes_2step_disjoint.yaml does not exist" \
+        in err and "shapes_2step, shapes_4step, shapes_6step, shapes_joint" in err
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--sections", "2stpe", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "unknown section '2stpe'; choose from throughput" in \
+        capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -56,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "width_mult": 1.0,  # mobilenets only: channel multiplier (from scratch)
         "reduced_tail": True,  # mobilenets only: halve the channels of the last stage
         "trainable_layers": 5,  # backbone stages trained when weights are given (0-5)
-        # auto (frozen with weights, else batchnorm) | batchnorm | groupnorm | frozen |
+        # auto (frozen for a ResNet with weights, else batchnorm) | batchnorm | groupnorm | frozen |
         # frozen_eval (frozen, computed as BatchNorm2d in eval mode: imported BatchNorm detectors)
         "norm": "auto",
         "fpn_channels": 64,  # width of the FPN and of the heads

@@ -228,7 +228,10 @@ def build_backbone(mcfg: dict, from_checkpoint: bool = False) -> BackboneWithFPN
     state = resolve_weights(mcfg.get("weights"))
     norm = mcfg.get("norm", "auto")
     if norm == "auto":
-        norm = "frozen" if state is not None else "batchnorm"
+        # with weights: a ResNet keeps torchvision's frozen ImageNet statistics (its COCO recipe,
+        # two images per GPU); a MobileNet trains its BatchNorm (measured on the built-in data
+        # at batch 16: frozen statistics lose two thirds of step 0's AP; benchmarks.md)
+        norm = "frozen" if state is not None and name.startswith("resnet") else "batchnorm"
     check_choice("model.norm", norm, ("auto", "batchnorm", "groupnorm", "frozen", "frozen_eval"))
     if norm in ("frozen", "frozen_eval") and state is None and not from_checkpoint:
         raise UserError("model.norm: 'frozen' needs pretrained model.weights; training from "

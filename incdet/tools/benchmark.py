@@ -1,6 +1,7 @@
 """Benchmarks of incdet on the built-in dataset; writes a JSON of results and prints a table.
 
-    python tools/benchmark.py [--quick] [--out runs/benchmark] [--sections throughput,cost,...]
+    python tools/benchmark.py [--quick] [--regime scratch|pretrained] [--out runs/benchmark]
+                              [--sections throughput,cost,...]
 
 Accuracy sections train every method with the same iteration budget per step
 (``--iters``); figures are only comparable between runs with the same budget, config and seed,
@@ -31,6 +32,10 @@ SECTIONS = ("throughput", "cost", "herding", "2step", "2step-disjoint", "4step",
 PROTOCOLS = {"2step": "shapes_2step", "4step": "shapes_4step", "6step": "shapes_6step",
              # the 2step protocol with data.disjoint_steps: every training image in one step
              "2step-disjoint": "shapes_2step_disjoint"}
+# --regime: where a section's preset comes from. scratch: configs/NAME.yaml (the backbone trained
+# from scratch); pretrained: configs/pretrained/NAME.yaml (the same protocol from torchvision's
+# ImageNet MobileNetV2 with the recipe measured for it)
+REGIMES = {"scratch": "configs", "pretrained": "configs/pretrained"}
 # the pretrained section's variants: step 1 from an imported step-0 detector, no memory
 PRETRAINED = {"branch": ["incremental.method=branch"], "incdet": ["incremental.method=incdet"],
               "incdet_pseudo": ["incremental.method=incdet", "incremental.pseudo_labels=true"],
@@ -40,8 +45,12 @@ PRETRAINED = {"branch": ["incremental.method=branch"], "incdet": ["incremental.m
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None,
-                        help="results folder "
-                             "(default runs/benchmark, --quick: runs/benchmark_quick)")
+                        help="results folder (default runs/benchmark, --quick: "
+                             "runs/benchmark_quick; --regime pretrained adds _pretrained)")
+    parser.add_argument("--regime", choices=tuple(REGIMES), default="scratch",
+                        help="scratch: the presets configs/NAME.yaml (backbone trained from "
+                             "scratch); pretrained: configs/pretrained/NAME.yaml (ImageNet "
+                             "MobileNetV2 from the torch hub cache, `make weights`)")
     parser.add_argument("--quick", action="store_true",
                         help="small budgets: every section in under 10 minutes "
                              "(figures are noise-level)")
@@ -50,7 +59,8 @@ def main(argv=None) -> int:
                         help="accuracy sections: a step's budget is N iterations per class it "
                              "adds (train.iters_per_class) instead of --iters per step; the "
                              "equal-compute joint trains N times all the classes")
-    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated, from: " + ", ".join(SECTIONS))
     parser.add_argument("--methods", default="incdet_memory,incdet,finetune,joint",
                         help="variants: incdet_memory (with the exemplar memory), incdet, "
                              "incdet_pseudo (incdet with teacher pseudo-labels), finetune, joint "
@@ -70,18 +80,33 @@ def main(argv=None) -> int:
                         "(default: the config's train.seed)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override for every section")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--markdown", action="store_true",
                         help="print the figures table of OUT/benchmark.json and exit")
     args = parser.parse_args(argv)
     setup_logging()
-    args.out = args.out or ("runs/benchmark_quick" if args.quick else "runs/benchmark")
+    args.out = args.out or ("runs/benchmark_quick" if args.quick else "runs/benchmark") + (
+        "" if args.regime == "scratch" else f"_{args.regime}")
     if args.markdown:
         with open(f"{args.out}/benchmark.json") as f:
             print(markdown(json.load(f)))
         return 0
 
     sections = [s for s in args.sections.split(",") if s]
+    for section in sections:
+        if section not in SECTIONS:
+            parser.error(f"--sections: unknown section {section!r}; choose from "
+                         f"{', '.join(SECTIONS)}")
+
+    def preset(name: str) -> str:
+        """The config file of preset NAME in the chosen regime."""
+        path = Path(REGIMES[args.regime]) / f"{name}.yaml"
+        if not path.is_file():
+            parser.error(f"--regime {args.regime}: {path} does not exist (the regime has no "
+                         f"preset {name}; presets there: "
+                         f"{', '.join(sorted(p.stem for p in path.parent.glob('*.yaml')))})")
+        return str(path)
+
     try:
         seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else [None]
     except ValueError:
@@ -98,6 +123,9 @@ def main(argv=None) -> int:
         classes = load_experiment(cfg, progress=False)[2]
         return incremental_iterations(cfg, classes, [], classes.num_steps - 1)
 
+    if args.regime != "scratch" and not (args.iters or args.iters_per_class or args.quick):
+        # the regime's presets give their budget per class: measure at it
+        args.iters_per_class = load_config(preset("shapes_2step"))["train"]["iters_per_class"]
     iters = args.iters or (20 if args.quick else 600)
     # the accuracy sections' budget: per step, or per class a step adds
     if args.iters_per_class:
@@ -113,6 +141,7 @@ def main(argv=None) -> int:
                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available()
                           else None},
               "date": time.strftime("%Y-%m-%d %H:%M"), "iters_per_step": iters,
+              "regime": args.regime,
               "overrides": args.overrides, "results": {}}
     out_path = f"{args.out}/benchmark.json"
 
@@ -126,15 +155,13 @@ def main(argv=None) -> int:
 
     written = False
     for section in sections:
-        if section not in SECTIONS:
-            raise SystemExit(f"unknown section {section!r}; choose from {', '.join(SECTIONS)}")
         if section == "throughput":
-            cfg = load_config("configs/shapes_joint.yaml", args.overrides)
+            cfg = load_config(preset("shapes_joint"), args.overrides)
             r = training_cost.training_throughput(cfg, iters=10 if args.quick else 30)
             print(f"[throughput] step-0 training: {r['images_per_second']:.1f} images/s "
                   f"(batch {r['batch_size']}, {r['threads']} threads)")
         elif section == "cost":
-            cfg = load_config("configs/shapes_2step.yaml", args.overrides)
+            cfg = load_config(preset("shapes_2step"), args.overrides)
             r = training_cost.iteration_cost(cfg, iters=5 if args.quick else 15)
             print(f"[cost] iteration with teacher / without: {r['ratio']:.2f}x "
                   f"({r['incdet_s']:.3f}s vs {r['plain_s']:.3f}s, batch {r['batch_size']})")
@@ -145,7 +172,7 @@ def main(argv=None) -> int:
                                            f"{v['seconds']:.2f}s" for k, v in r.items()))
             r["ratio_4n_to_n"] = r[4 * n]["seconds"] / r[n]["seconds"]
         elif section == "scale":  # COCO-size bookkeeping and memory.candidates_per_class
-            r = scale.section(args.out, load_config("configs/shapes_2step.yaml", args.overrides),
+            r = scale.section(args.out, load_config(preset("shapes_2step"), args.overrides),
                               iters, repeats=1 if args.quick else 2, progress=progress)
             print("\n".join(scale.summary(r)))
         elif section == "inference":
@@ -153,7 +180,7 @@ def main(argv=None) -> int:
             two = Path(args.out) / f"shapes_2step_{iters}"
             ckpt = two / "incdet" / "step_1" / "checkpoint.pt"
             if not ckpt.is_file():  # train the 2-step incdet model (the 2step section reuses it)
-                cfg = load_config("configs/shapes_2step.yaml",
+                cfg = load_config(preset("shapes_2step"),
                                   args.overrides + [f"train.max_iters={iters}"])
                 run_protocol(cfg, two, {"incdet": ["incremental.method=incdet",
                                                    "memory.budget=0"]}, progress)
@@ -172,8 +199,8 @@ def main(argv=None) -> int:
             r = {}
             # the CPU preset and the COCO preset's model (R50-FPN, 800 px) on the built-in data
             gpu = ["train.device=cuda", "train.channels_last=true", "train.num_workers=auto"]
-            cpu_cfg = load_config("configs/shapes_2step.yaml", args.overrides + gpu)
-            coco_cfg = load_config("configs/shapes_2step.yaml", args.overrides + gpu)
+            cpu_cfg = load_config(preset("shapes_2step"), args.overrides + gpu)
+            coco_cfg = load_config(preset("shapes_2step"), args.overrides + gpu)
             coco = load_config("configs/_coco_base.yaml")
             coco_cfg["model"] = dict(coco["model"], weights=None)
             coco_cfg["loss"]["box"] = coco["loss"]["box"]
@@ -181,7 +208,7 @@ def main(argv=None) -> int:
             for name, cfg in (("cpu_preset", cpu_cfg), ("coco_preset", coco_cfg)):
                 r[name] = model_cost.model_cost(cfg, "cuda", iters=n, batch_size=16)
                 for amp in ("null", "bf16"):
-                    tcfg = load_config("configs/shapes_2step.yaml",
+                    tcfg = load_config(preset("shapes_2step"),
                                        args.overrides + gpu + [f"train.amp={amp}"])
                     tcfg["model"], tcfg["loss"] = cfg["model"], cfg["loss"]
                     r[name][f"training_images_per_second_{amp}"] = \
@@ -194,7 +221,7 @@ def main(argv=None) -> int:
                 print(f"[gpu] {name}: training loop {ips['null']:.0f} images/s fp32, "
                       f"{ips['bf16']:.0f} bf16; peak {r[name]['peak_gpu_memory_gib']:.1f} GiB")
         elif section == "pretrained":
-            cfg = load_config("configs/shapes_2step.yaml",
+            cfg = load_config(preset("shapes_2step"),
                               args.overrides + [f"train.max_iters={iters}"])
             r = pretrained.pretrained(cfg, f"{args.out}/pretrained_{iters}", PRETRAINED,
                                       progress, cost_iters=3 if args.quick else 10)
@@ -207,7 +234,7 @@ def main(argv=None) -> int:
             print(f"[pretrained] iteration branch / incdet: {c['branch_over_incdet']:.2f} "
                   f"({c['branch_s']:.3f}s vs {c['incdet_s']:.3f}s, batch {c['batch_size']})")
         elif section == "merge":
-            cfg = load_config("configs/shapes_2step.yaml", args.overrides + budget)
+            cfg = load_config(preset("shapes_2step"), args.overrides + budget)
             r = merge_benchmark(cfg, f"{args.out}/merge_{budget_name}", progress)
             c, k = r["consolidation"], r["compression"]
             print(f"[merge] consolidation: branch AP {c['branch_ap']:.3f}, merged "
@@ -245,14 +272,14 @@ def main(argv=None) -> int:
                 else:
                     variants[entry] = [f"incremental.method={m}", "memory.budget=0"]
                 if m == "joint":  # evaluated at half its budget too: how converged it is
-                    half = total_iterations(load_config(f"configs/{name}.yaml",
+                    half = total_iterations(load_config(preset(name),
                                                         args.overrides + budget)) // 2
                     variants[entry] += [f"eval.every_iters={half}",
                                         f"train.checkpoint_every={half}"]
                 variants[entry] += extra
             per_seed = {}
             for seed in seeds:
-                cfg = load_config(f"configs/{name}.yaml", args.overrides + budget + (
+                cfg = load_config(preset(name), args.overrides + budget + (
                     [] if seed is None else [f"train.seed={seed}"]))
                 seed = cfg["train"]["seed"]
                 joint_ap = reference = None
@@ -268,7 +295,7 @@ def main(argv=None) -> int:
                     r = accuracy.with_joint_reference(r, joint_ap, reference)
                 per_seed[seed] = r
             r = accuracy.over_seeds(per_seed)
-            r["config"] = f"configs/{name}.yaml"
+            r["config"] = preset(name)
             r["protocol"] = "disjoint" if cfg["data"]["disjoint_steps"] else "standard"
             for key, label in (("final_ap", "final AP (all classes)"),
                                ("ratio_to_joint", "ratio to equal-compute joint"),
@@ -281,6 +308,7 @@ def main(argv=None) -> int:
                                (protocol and args.iters_per_class is None) else None)
         r["iters_per_class"] = args.iters_per_class if protocol else None
         r["overrides"] = args.overrides
+        r["regime"] = args.regime
         r["date"] = report["date"]
         # keep the sections that this run does not redo, as they are when it writes
         report["results"] = dict(earlier_results(), **{section: r})
