@@ -89,7 +89,7 @@ def test_the_training_loop_waits_for_the_device_three_times_per_iteration(tiny_c
     nothing else makes the host wait (torch's synchronisation debug mode counts them)."""
     from incdet.experiment import methods
     from incdet.experiment.loaders import new_class_batch
-    from incdet.train.engine import build_optimizer, build_scheduler, train
+    from incdet.train.engine import TrainSettings, build_optimizer, build_scheduler, train
 
     cfg = load_config(tiny_config, ["model.fpn_channels=8"])
     classes, sc, plan, images, targets = new_class_batch(cfg, 4)
@@ -117,8 +117,9 @@ def test_the_training_loop_waits_for_the_device_three_times_per_iteration(tiny_c
             torch.cuda.set_sync_debug_mode("warn")
         try:
             result = train(student, criterion, batches(), optimizer,
-                           build_scheduler(optimizer, tcfg, iters), tcfg,
-                           dict(cfg["loss"]["weights"]), iters, DEVICE, None, progress=False)
+                           build_scheduler(optimizer, tcfg, iters),
+                           TrainSettings(tcfg=tcfg, weights=dict(cfg["loss"]["weights"]),
+                                         total_iters=iters, device=DEVICE, progress=False))
         finally:
             if ON_GPU:
                 torch.cuda.set_sync_debug_mode("default")

@@ -8,7 +8,13 @@ import torch
 from incdet.base.config import DEFAULTS
 from incdet.base.errors import UserError
 from incdet.data.sampler import MixedBatchSampler
-from incdet.train.engine import build_optimizer, lr_factor, train, weighted_total
+from incdet.train.engine import (
+    TrainSettings,
+    build_optimizer,
+    lr_factor,
+    train,
+    weighted_total,
+)
 
 
 def test_warmup_then_cosine_and_step_schedules():
@@ -111,9 +117,11 @@ def test_non_finite_loss_stops_with_the_terms(tmp_path):
     saved = []
     with pytest.raises(UserError, match=r"non-finite loss at iteration 1 \(loss_cls=nan, "
                                         r"loss_box=-?0\)"):
-        train(model, loss_fn, loader, optimizer, scheduler, dict(DEFAULTS["train"]),
-              {"loss_cls": 1.0, "loss_box": 1.0}, 10, "cpu", tmp_path,
-              on_epoch_end=lambda e, i: saved.append(i), progress=False)
+        train(model, loss_fn, loader, optimizer, scheduler,
+              TrainSettings(tcfg=dict(DEFAULTS["train"]),
+                            weights={"loss_cls": 1.0, "loss_box": 1.0}, total_iters=10,
+                            device="cpu", log_dir=tmp_path, progress=False,
+                            on_epoch_end=lambda e, i: saved.append(i)))
     assert saved == []  # nothing was checkpointed from the failing epoch
 
 
@@ -144,8 +152,10 @@ def test_a_non_finite_gradient_skips_its_step_and_is_counted(tmp_path, fused):
         return {"loss_cls": out, "loss_box": out * 0}
 
     with pytest.warns(RuntimeWarning, match="iteration 1: the gradient norm is not finite"):
-        result = train(model, loss_fn, loader, optimizer, scheduler, dict(DEFAULTS["train"]),
-                       {"loss_cls": 1.0, "loss_box": 1.0}, 4, "cpu", tmp_path, progress=False)
+        result = train(model, loss_fn, loader, optimizer, scheduler,
+                       TrainSettings(tcfg=dict(DEFAULTS["train"]),
+                                     weights={"loss_cls": 1.0, "loss_box": 1.0}, total_iters=4,
+                                     device="cpu", log_dir=tmp_path, progress=False))
     assert result.skipped_steps == 1 and result.iterations == 4
     assert torch.isfinite(model.weight).all()
     assert torch.equal(weights_seen[2], weights_seen[1])  # the skipped step changed nothing
@@ -187,10 +197,11 @@ def test_clipping_inside_the_fused_step_equals_clip_grad_norm(tmp_path, name):
         try:
             x = torch.randn(4, 3, 8, 8)
             loader = [([x[i]], [{}]) for i in range(4)]
+            clip = tcfg["grad_clip"] if fold is not None else None
             train(m, lambda images, targets: {"loss_cls": m(images[0][None]).square().sum()},
-                  loader, optimizer, scheduler, dict(tcfg, grad_clip=tcfg["grad_clip"] if
-                                                     fold is not None else None),
-                  {"loss_cls": 1.0}, 4, "cpu", tmp_path, progress=False)
+                  loader, optimizer, scheduler,
+                  TrainSettings(tcfg=dict(tcfg, grad_clip=clip), weights={"loss_cls": 1.0},
+                                total_iters=4, device="cpu", log_dir=tmp_path, progress=False))
         finally:
             if fold is not None:
                 setattr(torch.nn.utils, target, original)
@@ -268,8 +279,9 @@ def test_loss_terms_are_read_back_every_log_every_and_at_epoch_ends(tmp_path, mo
     loader = [([torch.ones(2)], [{}])] * 7
     tcfg = dict(DEFAULTS["train"], log_every=3, grad_clip=None)
     weights = {"loss_cls": 1.0, "loss_box": 0.5}
-    result = train(model, loss_fn, loader, optimizer, scheduler, tcfg, weights, 14, "cpu",
-                   tmp_path, progress=False)
+    result = train(model, loss_fn, loader, optimizer, scheduler,
+                   TrainSettings(tcfg=tcfg, weights=weights, total_iters=14, device="cpu",
+                                 log_dir=tmp_path, progress=False))
     monkeypatch.undo()
     # iterations 3, 6, 9, 12 (log_every) and the two epoch ends; never .item() per iteration
     assert reads == {"item": 0, "tolist": 6}
@@ -359,11 +371,13 @@ def test_resuming_right_after_an_epochs_last_batch_goes_on_with_the_next_epoch(t
         return {"loss_cls": out, "loss_box": out * 0}
 
     generator = torch.Generator()
-    result = train(model, loss_fn, loader, optimizer, scheduler, dict(DEFAULTS["train"]),
-                   {"loss_cls": 1.0, "loss_box": 1.0}, 6, "cpu", tmp_path, start_iter=3,
-                   start_epoch=0, on_epoch_end=lambda e, i: ends.append((e, i)),
-                   progress=False, shuffle_generator=generator,
-                   resume_position=(generator.get_state(), 3))
+    result = train(model, loss_fn, loader, optimizer, scheduler,
+                   TrainSettings(tcfg=dict(DEFAULTS["train"]),
+                                 weights={"loss_cls": 1.0, "loss_box": 1.0}, total_iters=6,
+                                 device="cpu", log_dir=tmp_path, progress=False, start_iter=3,
+                                 start_epoch=0, resume_position=(generator.get_state(), 3),
+                                 shuffle_generator=generator,
+                                 on_epoch_end=lambda e, i: ends.append((e, i))))
     assert result.iterations == 3 and len(calls) == 3
     assert ends == [(1, 3), (2, 6)]
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]

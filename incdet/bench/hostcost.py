@@ -34,7 +34,13 @@ from incdet.base.devices import seed_everything
 from incdet.experiment import methods
 from incdet.experiment.loaders import new_class_batch
 from incdet.model import builder
-from incdet.train.engine import apply_keep_freed_memory, build_optimizer, build_scheduler, train
+from incdet.train.engine import (
+    TrainSettings,
+    apply_keep_freed_memory,
+    build_optimizer,
+    build_scheduler,
+    train,
+)
 
 try:
     import resource  # page faults (Unix)
@@ -225,11 +231,13 @@ def _host_cost(cfg: dict, iters: int, warmup: int, batch_size: int, progress: bo
     counted = _FixedBatches(images, targets, 3)
     counter = _OpCounter(where, lambda: len(counted.starts) == 2)
     try:
-        train(student, loss_fn, loader, optimizer, scheduler, tcfg, weights, total, "cpu", None,
-              progress=progress)
+        train(student, loss_fn, loader, optimizer, scheduler,
+              TrainSettings(tcfg=tcfg, weights=weights, total_iters=total, device="cpu",
+                            progress=progress))
         with counter:
             train(student, loss_fn, counted, optimizer, build_scheduler(optimizer, tcfg, 3),
-                  tcfg, weights, 3, "cpu", None, progress=progress)
+                  TrainSettings(tcfg=tcfg, weights=weights, total_iters=3, device="cpu",
+                                progress=progress))
     finally:
         for name, fn in untimed.items():
             setattr(builder, name, fn)

@@ -26,7 +26,7 @@ from incdet.data.transforms import build_train_transform
 from incdet.experiment import methods
 from incdet.experiment.loaders import load_experiment
 from incdet.model.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
-from incdet.train.engine import build_optimizer, build_scheduler, train
+from incdet.train.engine import TrainSettings, build_optimizer, build_scheduler, train
 from incdet.train.memory import Memory, build_memory, quotas, rank_classes, roi_features
 
 
@@ -98,8 +98,10 @@ def balanced_finetune(cfg: dict, student, classes: ClassSpace, sc, memory: Memor
     scheduler = build_scheduler(optimizer, tcfg, int(bcfg["iters"]))
     bft_dir = step_dir / "balanced_finetune"
     bft_dir.mkdir(exist_ok=True)
-    train(student, criterion, loader, optimizer, scheduler, tcfg, dict(cfg["loss"]["weights"]),
-          int(bcfg["iters"]), device, bft_dir, None, progress=progress)
+    train(student, criterion, loader, optimizer, scheduler,
+          TrainSettings(tcfg=tcfg, weights=dict(cfg["loss"]["weights"]),
+                        total_iters=int(bcfg["iters"]), device=device, log_dir=bft_dir,
+                        progress=progress))
 
 
 def write_memory(cfg: dict, t: int, work_dir: str | Path, progress: bool = True) -> Memory:

@@ -62,7 +62,13 @@ from incdet.experiment.methods import step_iterations
 from incdet.experiment.step_folder import completed, write_step
 from incdet.model.builder import build_model, head_record
 from incdet.model.checkpoint import load_checkpoint, model_from_checkpoint
-from incdet.train.engine import apply_deterministic, build_optimizer, build_scheduler, train
+from incdet.train.engine import (
+    TrainSettings,
+    apply_deterministic,
+    build_optimizer,
+    build_scheduler,
+    train,
+)
 from incdet.train.losses import DetectionLoss
 from incdet.train.merging import MergeCriterion, MergeTeacher
 
@@ -337,8 +343,9 @@ def merge(teacher_specs: Sequence[str | Path], work_dir: str | Path, cfg: dict |
     weights = dict(scfg["loss"]["weights"], loss_distill_cls=settings["cls_weight"])
     step_dir.mkdir(parents=True, exist_ok=True)
     dump_config(scfg, step_dir / "config.yaml")
-    result = train(student, criterion, loader, optimizer, scheduler, tcfg, weights, iters, device,
-                   step_dir, None, progress=progress)
+    result = train(student, criterion, loader, optimizer, scheduler,
+                   TrainSettings(tcfg=tcfg, weights=weights, total_iters=iters, device=device,
+                                 log_dir=step_dir, progress=progress))
     student.eval()
 
     groups = {"old": tuple(c for s in merged.steps[:-1] for c in s),

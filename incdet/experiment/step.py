@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from incdet.model.checkpoint import (
     save_checkpoint,
 )
 from incdet.train.engine import (
+    TrainSettings,
     apply_deterministic,
     apply_keep_freed_memory,
     build_optimizer,
@@ -203,17 +204,20 @@ class StepRun:
 
     def train(self, writer):
         """The step's training (rank 0 with ``writer``: logging, ``last.pt`` and the curve)."""
-        tcfg, weights = self.cfg["train"], dict(self.cfg["loss"]["weights"])
-        common = dict(shuffle_generator=_shuffle_generator(self.loader),
-                      resume_position=self.resume_position)
+        settings = TrainSettings(
+            tcfg=self.cfg["train"], weights=dict(self.cfg["loss"]["weights"]),
+            total_iters=self.total_iters, device=self.device, progress=False,
+            start_iter=self.start_iter, start_epoch=self.start_epoch,
+            resume_position=self.resume_position,
+            shuffle_generator=_shuffle_generator(self.loader))
         if not self.main:
             return train(self.student, self.loss_fn, self.loader, self.optimizer,
-                         self.scheduler, tcfg, weights, self.total_iters, self.device, None,
-                         None, self.start_iter, self.start_epoch, progress=False, **common)
+                         self.scheduler, settings)
+        settings = replace(settings, log_dir=self.step_dir, writer=writer,
+                           progress=self.progress, on_epoch_end=self.save_last,
+                           on_checkpoint=self.on_checkpoint)
         result = train(self.student, self.loss_fn, self.loader, self.optimizer, self.scheduler,
-                       tcfg, weights, self.total_iters, self.device, self.step_dir, writer,
-                       self.start_iter, self.start_epoch, on_epoch_end=self.save_last,
-                       progress=self.progress, on_checkpoint=self.on_checkpoint, **common)
+                       settings)
         self.student = _unwrap_sync_bn(self.student)
         return result
 

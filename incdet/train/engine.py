@@ -283,25 +283,48 @@ def clip_factor(trainable: list[torch.Tensor], clip: float) -> tuple[torch.Tenso
     return norm, ((norm + 1e-6) / clip).clamp(min=1.0)
 
 
-def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, scheduler, tcfg: dict,
-          weights: dict[str, float], total_iters: int, device, log_dir: Path, writer=None,
-          start_iter: int = 0, start_epoch: int = 0, on_epoch_end: Callable | None = None,
-          progress: bool = True, on_checkpoint: Callable | None = None,
-          shuffle_generator: torch.Generator | None = None,
-          resume_position: tuple[torch.Tensor, int] | None = None) -> TrainResult:
-    """Train until ``total_iters`` iterations; returns counts and timing of this call.
+@dataclass
+class TrainSettings:
+    """What one run of :func:`train` is: its settings, length and device, where it logs, where
+    it starts (a resumed run) and what it calls back; callers name the fields they set."""
 
-    ``on_epoch_end(epoch, iteration)`` is called after every epoch and
-    ``on_checkpoint(epoch, iteration, (epoch_rng_state, batches_done))`` every
-    ``train.checkpoint_every`` iterations (checkpointing). ``resume_position`` restores the
-    shuffling state of an interrupted epoch and skips the batches it had already trained on.
-    A non-finite loss raises :class:`UserError` with every loss term in the message before the
-    optimizer steps; nothing is saved for the failing iteration, so the last checkpoint stays the
-    last good one. Loss values are read back from the device every ``train.log_every``
-    iterations (TensorBoard, progress bar) and at epoch ends (``log.jsonl``) only; the
-    finiteness check is the loop's one synchronisation per iteration (module docstring; the loss
-    function may add its own: incdet's adds two).
+    tcfg: dict  # the config's train section
+    weights: dict[str, float]  # the weight of each loss term (loss.weights)
+    total_iters: int  # train until this iteration
+    device: torch.device | str
+    log_dir: Path | None = None  # log.jsonl goes here; None: no file (the non-main processes)
+    writer: object = None  # a TensorBoard SummaryWriter, or None
+    progress: bool = True  # a progress bar
+    start_iter: int = 0  # where a resumed run starts
+    start_epoch: int = 0
+    # (epoch_rng_state, batches_done): the shuffling state of an interrupted epoch and the
+    # batches of it already trained on, restored into shuffle_generator (the loader's)
+    resume_position: tuple[torch.Tensor, int] | None = None
+    shuffle_generator: torch.Generator | None = None
+    on_epoch_end: Callable | None = None  # on_epoch_end(epoch, iteration)
+    # on_checkpoint(epoch, iteration, (epoch_rng_state, batches_done))
+    on_checkpoint: Callable | None = None
+
+
+def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, scheduler,
+          settings: TrainSettings) -> TrainResult:
+    """Train until ``settings.total_iters`` iterations; returns counts and timing of this call.
+
+    ``settings.on_epoch_end`` is called after every epoch and ``settings.on_checkpoint`` every
+    ``train.checkpoint_every`` iterations (checkpointing). ``settings.resume_position`` restores
+    the shuffling state of an interrupted epoch and skips the batches it had already trained
+    on. A non-finite loss raises :class:`UserError` with every loss term in the message before
+    the optimizer steps; nothing is saved for the failing iteration, so the last checkpoint
+    stays the last good one. Loss values are read back from the device every
+    ``train.log_every`` iterations (TensorBoard, progress bar) and at epoch ends
+    (``log.jsonl``) only; the finiteness check is the loop's one synchronisation per iteration
+    (module docstring; the loss function may add its own: incdet's adds two).
     """
+    tcfg, weights, total_iters = settings.tcfg, settings.weights, settings.total_iters
+    log_dir, writer, progress = settings.log_dir, settings.writer, settings.progress
+    start_iter, start_epoch = settings.start_iter, settings.start_epoch
+    on_epoch_end, on_checkpoint = settings.on_epoch_end, settings.on_checkpoint
+    shuffle_generator, resume_position = settings.shuffle_generator, settings.resume_position
     result = TrainResult()
     it, epoch = start_iter, start_epoch
     clip = tcfg.get("grad_clip")
@@ -310,7 +333,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, loader, optimizer, schedule
                dynamic_ncols=True)
     t_start = time.perf_counter()
     every = int(tcfg.get("checkpoint_every") or 0)
-    device = torch.device(device)
+    device = torch.device(settings.device)
     amp_dtype = autocast_dtype(tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     trainable = [p for p in model.parameters() if p.requires_grad]
