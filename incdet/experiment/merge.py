@@ -287,20 +287,162 @@ def merge(teacher_specs: Sequence[str | Path], work_dir: str | Path, cfg: dict |
           evaluate: bool = True) -> dict:
     """Distil ``teacher_specs`` into one student and write ``work_dir/step_<t>/`` (module
     docstring); returns its metrics. ``cfg``: the student's layout, training settings, data and
-    ``merge`` section (default: the first teacher's saved config)."""
+    ``merge`` section (default: the first teacher's saved config).
+
+    The merge's story, one phase per function: :func:`load_teachers` (the teachers and the union
+    of their classes), :meth:`MergeRun.prepare` (the transfer set, the student, its loss, loader
+    and optimizer), :meth:`MergeRun.train`, :meth:`MergeRun.evaluate` (without ``evaluate`` or
+    validation data: no figures) and :meth:`MergeRun.write` (checkpoint and, last,
+    metrics.json)."""
+    teachers, cfg, merged = load_teachers(teacher_specs, cfg)
+    run = MergeRun.prepare(cfg, teachers, merged, Path(work_dir), images, force, progress)
+    result = run.train()
+    evaluated = run.evaluate(evaluate)
+    return run.write(result, evaluated)
+
+
+def load_teachers(teacher_specs: Sequence[str | Path],
+                  cfg: dict | None) -> tuple[list[Teacher], dict, MergedClasses]:
+    """The teachers, the config (a copy of ``cfg``, default the first teacher's) and the union
+    of their classes (``merge.overlap`` settles a class several teachers know)."""
     if not teacher_specs:
         raise UserError("give at least one --teacher")
     teachers = [load_teacher(s) for s in teacher_specs]
     cfg = copy.deepcopy(cfg) if cfg is not None else copy.deepcopy(teachers[0].cfg)
-    mcfg = cfg["merge"]
     merged = union_classes([(t.source, t.ids, t.names, t.steps) for t in teachers],
-                           mcfg["overlap"])
-    t = len(merged.steps) - 1
-    step_dir = Path(work_dir) / f"step_{t}"
-    if (step_dir / "metrics.json").is_file() and not force:
-        raise UserError(f"{step_dir}: already exists; use another --work-dir or --force")
-    completed(step_dir, cfg, force=True)  # --force: the old result goes before the new run
-    scfg = student_config(cfg, merged)
+                           cfg["merge"]["overlap"])
+    return teachers, cfg, merged
+
+
+@dataclass
+class MergeRun:
+    """One merge in progress: what :meth:`prepare` builds and the later phases read."""
+
+    cfg: dict  # the student's config (student_config)
+    teachers: list[Teacher]
+    merged: MergedClasses
+    step_dir: Path
+    progress: bool
+    val_set: object  # None: no validation data (a transfer set of images only)
+    transfer: dict  # the transfer set, as metrics.json describes it
+    images: int  # the transfer set's images
+    device: torch.device
+    student: torch.nn.Module
+    copied: int  # tensors the student took from the first teacher ...
+    total: int  # ... of its total
+    settings: dict  # the merge settings with auto resolved (resolve_settings)
+    criterion: MergeCriterion
+    loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    iters: int
+
+    @property
+    def t(self) -> int:
+        return len(self.merged.steps) - 1
+
+    @classmethod
+    def prepare(cls, cfg: dict, teachers: list[Teacher], merged: MergedClasses, work_dir: Path,
+                images: str | Path | None, force: bool, progress: bool) -> MergeRun:
+        """The step folder claimed (an existing result is an error without ``force``, and goes
+        with it), the transfer set, the student and its loss, loader, optimizer and schedule;
+        the resolved config.yaml is written last, once everything has been checked."""
+        mcfg = cfg["merge"]
+        step_dir = work_dir / f"step_{len(merged.steps) - 1}"
+        if (step_dir / "metrics.json").is_file() and not force:
+            raise UserError(f"{step_dir}: already exists; use another --work-dir or --force")
+        completed(step_dir, cfg, force=True)  # --force: the old result goes before the new run
+        scfg = student_config(cfg, merged)
+        records, spaces, transfer, val_set = load_transfer(cfg, scfg, merged, images, progress)
+        tcfg = scfg["train"]
+        device = setup_process(tcfg)
+        student, copied, total = build_student(scfg, merged, teachers[0])
+        log.info("student: %d of %d tensors from %s", copied, total, teachers[0].source)
+        settings = resolve_settings(mcfg, copied > 0)
+        student = student.to(device).train()
+        for tch in teachers:
+            tch.model.to(device)
+        criterion = build_criterion(scfg, student, teachers, merged, settings, spaces, transfer)
+        dataset = DetectionDataset(records, {c: i for i, c in enumerate(merged.order)}, spaces,
+                                   build_train_transform(scfg["augment"]))
+        bs = int(tcfg["batch_size"])
+        loader = make_loader(dataset, bs, shuffle=True, num_workers=0, seed=int(tcfg["seed"]),
+                             drop_last=len(dataset) > bs, device=device)
+        iters = int(mcfg["iters"] or step_iterations(scfg, len(records), len(merged.order)))
+        optimizer = build_optimizer(student, tcfg)
+        scheduler = build_scheduler(optimizer, tcfg, iters)
+        step_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(scfg, step_dir / "config.yaml")
+        return cls(scfg, teachers, merged, step_dir, progress, val_set, transfer, len(records),
+                   device, student, copied, total, settings, criterion, loader, optimizer,
+                   scheduler, iters)
+
+    def train(self):
+        """The student's training on the transfer set (log.jsonl in the step folder)."""
+        weights = dict(self.cfg["loss"]["weights"], loss_distill_cls=self.settings["cls_weight"])
+        result = train(self.student, self.criterion, self.loader, self.optimizer, self.scheduler,
+                       TrainSettings(tcfg=self.cfg["train"], weights=weights,
+                                     total_iters=self.iters, device=self.device,
+                                     log_dir=self.step_dir, progress=self.progress))
+        self.student.eval()
+        return result
+
+    def evaluate(self, evaluate: bool = True) -> tuple[dict, dict]:
+        """The student on the validation images: ``(evaluation, groups)``, the groups being
+        old, new, all and each step's classes (those the validation data has). Without
+        ``evaluate`` or validation data every figure is None."""
+        merged = self.merged
+        groups = {"old": tuple(c for s in merged.steps[:-1] for c in s),
+                  "new": tuple(merged.steps[-1]), "all": merged.order}
+        groups.update({f"step_{s}": g for s, g in enumerate(merged.steps)})
+        if not evaluate or self.val_set is None:
+            return {"groups": {k: {m: None for m in METRIC_KEYS} for k in groups},
+                    "per_class_ap": {str(c): None for c in merged.order}}, groups
+        in_val = {int(c["id"]) for c in self.val_set.categories}
+        order = [c for c in merged.order if c in in_val]
+        groups = {k: tuple(c for c in g if c in in_val) for k, g in groups.items()}
+        evaluation = evaluate_model(self.student, self.val_set.records,
+                                    self.val_set.categories, order, groups,
+                                    int(self.cfg["eval"]["batch_size"]), self.device,
+                                    progress=self.progress)
+        log.info("merged model evaluation:\n%s", format_table(evaluation, merged.names))
+        return evaluation, groups
+
+    def write(self, result, evaluated: tuple[dict, dict]) -> dict:
+        """checkpoint.pt and, last and atomically, metrics.json (step_folder.write_step);
+        returns the metrics."""
+        (evaluation, groups), merged, t = evaluated, self.merged, self.t
+        history = [{"step": t, "groups": {k: v["AP"] for k, v in evaluation["groups"].items()
+                                          if k.startswith("step_")}}]
+        metrics = {
+            "step": t, "method": "merge",
+            "classes": {"old": list(groups["old"]), "new": list(merged.steps[-1])},
+            "map": {k: evaluation["groups"][k] for k in ("old", "new", "all")},
+            "groups": {k: v for k, v in evaluation["groups"].items() if k.startswith("step_")},
+            "per_class_ap": evaluation["per_class_ap"], "forgetting": {},
+            "merge": {"teachers": [tch.source for tch in self.teachers],
+                      "answers": [[merged.order[s] for s, _ in ans] for ans in merged.answers],
+                      "overlap": self.cfg["merge"]["overlap"], "transfer": self.transfer,
+                      **self.settings,
+                      "student_from_first_teacher": f"{self.copied}/{self.total} tensors"},
+        }
+        ckpt = {"class_order": list(merged.order), "steps": [list(s) for s in merged.steps],
+                "names": {str(c): n for c, n in merged.names.items()},
+                **head_record(self.student), "model": self.student.state_dict(),
+                "history": history}
+        train_record = {"seconds": result.seconds, "iterations": result.iterations,
+                        "skipped_steps": result.skipped_steps,
+                        "images_per_second": result.images_per_second, "images": self.images}
+        return write_step(self.step_dir, self.cfg, ckpt, metrics, self.device, train_record)
+
+
+# The phases of MergeRun.prepare, in order.
+
+def load_transfer(cfg: dict, scfg: dict, merged: MergedClasses, images: str | Path | None,
+                  progress: bool) -> tuple[list, list, dict, object]:
+    """The transfer set (:func:`transfer_set`) and the validation data. With ``images``, data
+    the config cannot load is a warning (no evaluation, no labelled data), not an error.
+    Returns ``(records, label spaces, description, val_set or None)``."""
     train_set = val_set = data_classes = None
     try:
         train_set, val_set, data_classes = load_experiment(cfg, progress)
@@ -309,75 +451,31 @@ def merge(teacher_specs: Sequence[str | Path], work_dir: str | Path, cfg: dict |
             raise
         log.warning("no evaluation and no labelled data: %s", e)
     records, spaces, transfer = transfer_set(scfg, merged, images, train_set, data_classes)
+    return records, spaces, transfer, val_set
 
-    tcfg = scfg["train"]
+
+def setup_process(tcfg: dict) -> torch.device:
+    """Threads, deterministic algorithms (``train.deterministic``), the device and the seed."""
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg["threads"]))
     apply_deterministic(tcfg)
     device = resolve_device(tcfg["device"])
     seed_everything(int(tcfg["seed"]))
-    student, copied, total = build_student(scfg, merged, teachers[0])
-    log.info("student: %d of %d tensors from %s", copied, total, teachers[0].source)
-    settings = resolve_settings(mcfg, copied > 0)
-    student = student.to(device).train()
-    label_of = {c: i for i, c in enumerate(merged.order)}
-    for tch in teachers:
-        tch.model.to(device)
-    # merge.annotated: labels: the annotated classes learn from their boxes alone
+    return device
+
+
+def build_criterion(cfg: dict, student: torch.nn.Module, teachers: list[Teacher],
+                    merged: MergedClasses, settings: dict, spaces: list,
+                    transfer: dict) -> MergeCriterion:
+    """The student's loss: each teacher distils the classes it answers for, except, with
+    ``merge.annotated: labels``, those the transfer set annotates (they learn from their boxes
+    alone); the detection loss on those boxes when there are any."""
     skip = set(spaces[0]) if settings["annotated"] == "labels" and transfer["labels"] else set()
     merge_teachers = [MergeTeacher(tch.model, [s for s, _ in ans if s not in skip],
                                    [j for s, j in ans if s not in skip], tch.source)
                       for tch, ans in zip(teachers, merged.answers)]
     merge_teachers = [m for m in merge_teachers if m.student_labels]
-    detection = DetectionLoss(scfg["loss"], student.box_coder, student.proposal_matcher) \
+    detection = DetectionLoss(cfg["loss"], student.box_coder, student.proposal_matcher) \
         if transfer["labels"] else None
-    criterion = MergeCriterion(student, merge_teachers, len(merged.order),
-                               {**mcfg, **settings}, detection, labelled=sorted(skip))
-    dataset = DetectionDataset(records, label_of, spaces, build_train_transform(scfg["augment"]))
-    bs = int(tcfg["batch_size"])
-    loader = make_loader(dataset, bs, shuffle=True, num_workers=0, seed=int(tcfg["seed"]),
-                         drop_last=len(dataset) > bs, device=device)
-    iters = int(mcfg["iters"] or step_iterations(scfg, len(records), len(merged.order)))
-    optimizer = build_optimizer(student, tcfg)
-    scheduler = build_scheduler(optimizer, tcfg, iters)
-    weights = dict(scfg["loss"]["weights"], loss_distill_cls=settings["cls_weight"])
-    step_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(scfg, step_dir / "config.yaml")
-    result = train(student, criterion, loader, optimizer, scheduler,
-                   TrainSettings(tcfg=tcfg, weights=weights, total_iters=iters, device=device,
-                                 log_dir=step_dir, progress=progress))
-    student.eval()
-
-    groups = {"old": tuple(c for s in merged.steps[:-1] for c in s),
-              "new": tuple(merged.steps[-1]), "all": merged.order}
-    groups.update({f"step_{s}": g for s, g in enumerate(merged.steps)})
-    if evaluate and val_set is not None:
-        in_val = {int(c["id"]) for c in val_set.categories}
-        order = [c for c in merged.order if c in in_val]
-        groups = {k: tuple(c for c in g if c in in_val) for k, g in groups.items()}
-        evaluation = evaluate_model(student, val_set.records, val_set.categories, order, groups,
-                                    int(scfg["eval"]["batch_size"]), device, progress=progress)
-        log.info("merged model evaluation:\n%s", format_table(evaluation, merged.names))
-    else:
-        evaluation = {"groups": {k: {m: None for m in METRIC_KEYS} for k in groups},
-                      "per_class_ap": {str(c): None for c in merged.order}}
-    history = [{"step": t, "groups": {k: v["AP"] for k, v in evaluation["groups"].items()
-                                      if k.startswith("step_")}}]
-    metrics = {
-        "step": t, "method": "merge",
-        "classes": {"old": list(groups["old"]), "new": list(merged.steps[-1])},
-        "map": {k: evaluation["groups"][k] for k in ("old", "new", "all")},
-        "groups": {k: v for k, v in evaluation["groups"].items() if k.startswith("step_")},
-        "per_class_ap": evaluation["per_class_ap"], "forgetting": {},
-        "merge": {"teachers": [tch.source for tch in teachers],
-                  "answers": [[merged.order[s] for s, _ in ans] for ans in merged.answers],
-                  "overlap": mcfg["overlap"], "transfer": transfer, **settings,
-                  "student_from_first_teacher": f"{copied}/{total} tensors"},
-    }
-    ckpt = {"class_order": list(merged.order), "steps": [list(s) for s in merged.steps],
-            "names": {str(c): n for c, n in merged.names.items()}, **head_record(student),
-            "model": student.state_dict(), "history": history}
-    train_record = {"seconds": result.seconds, "iterations": result.iterations,
-                    "skipped_steps": result.skipped_steps,
-                    "images_per_second": result.images_per_second, "images": len(records)}
-    return write_step(step_dir, scfg, ckpt, metrics, device, train_record)
+    return MergeCriterion(student, merge_teachers, len(merged.order),
+                          {**cfg["merge"], **settings}, detection, labelled=sorted(skip))
