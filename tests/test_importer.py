@@ -199,14 +199,22 @@ def test_class_lists_that_do_not_fit_are_clear_errors():
                                                   {"id": 3, "name": "y"}]
 
 
-def test_new_classes_colliding_with_imported_ids_are_refused(tmp_path, tiny_dataset):
+def test_new_classes_colliding_with_imported_ids_get_free_ids_or_are_refused(tmp_path,
+                                                                             tiny_dataset):
     from incdet.experiment.loaders import load_experiment
 
-    cfg = load_config(None, [f"data.root={tiny_dataset}", "data.synthetic.generate=false",
-                             "categories=[{id: 1, name: person}]"])
+    overrides = [f"data.root={tiny_dataset}", "data.synthetic.generate=false",
+                 "categories=[{id: 1, name: person}]", "split=1+10"]
+    # data.category_ids auto (the default): circle (id 1 in the files) takes the first free id
+    train_set, val_set, classes = load_experiment(load_config(None, overrides), progress=False)
+    top = max(classes.names)
+    assert classes.names[1] == "person" and classes.names[top] == "circle" and \
+        sorted(classes.names)[-2] < top  # the lowest id above every id in use
+    assert 1 not in {int(c) for r in train_set.records + val_set.records for c in r.category_ids}
     with pytest.raises(UserError, match="category id 1 is 'circle' there but 'person' in the "
-                                        "imported detector"):
-        load_experiment(cfg, progress=False)
+                                        "imported detector.*data.category_ids: auto"):
+        load_experiment(load_config(None, overrides + ["data.category_ids=file"]),
+                        progress=False)
 
 
 def _fails_and_writes_nothing(tmp_path, args, message):

@@ -29,7 +29,13 @@ DEFAULTS: dict[str, Any] = {
         "root": "data/shapes",  # other data paths are relative to it (and it to the config file)
         # image folder and annotation file (COCO json; VOC: the ImageSets list), under root
         "train": {"images": "images/train", "annotations": "annotations/train.json"},
-        "val": {"images": "images/val", "annotations": "annotations/val.json"},  # validation
+        # validation; COCO: or a list of {images, annotations} (say the old classes' own file
+        # and the new data's): each image is evaluated for the classes its file lists
+        "val": {"images": "images/val", "annotations": "annotations/val.json"},
+        # auto: a class takes the id of the known class of its name (an imported detector's),
+        # else its file's id if free, else the next free one | file: the files' ids as they are
+        # | {name: id, ...}: pinned ids, the others auto (design.md, "Your classes' ids")
+        "category_ids": "auto",
         # true: generate the built-in dataset at `root` when that folder is missing or empty
         # (never into a folder with other files). False by default so that a mistyped root is an
         # error, not a silent switch to the built-in data; the shapes presets set it to true.
@@ -219,7 +225,15 @@ def _check_keys(cfg: dict, ref: dict, source: str, prefix: str = "") -> None:
         if key not in ref:
             known = ", ".join(sorted(ref))
             raise UserError(f"{source}: unknown config key '{dotted}' (known keys here: {known})")
-        if isinstance(ref[key], dict):
+        if dotted == "data.val" and isinstance(value, list):  # several validation files
+            for i, part in enumerate(value):
+                if not isinstance(part, dict):
+                    raise UserError(f"{source}: data.val[{i}] must be a mapping "
+                                    f"{{images, annotations}}, got {part!r}")
+                _check_keys(part, ref[key], source, f"{dotted}[{i}].")
+        elif dotted == "data.category_ids":
+            continue  # auto | file | {class name: id}: names are the user's
+        elif isinstance(ref[key], dict):
             if not isinstance(value, dict):
                 raise UserError(f"{source}: config key '{dotted}' must be a mapping, got {value!r}")
             _check_keys(value, ref[key], source, dotted + ".")
@@ -272,9 +286,14 @@ def apply_override(cfg: dict, key: str, value: Any) -> None:
         if not isinstance(ref, dict) or part not in ref:
             raise UserError(f"--set {key}: unknown config key '{'.'.join(parts[:i + 1])}'")
         if i == len(parts) - 1:
-            if isinstance(ref[part], dict) and not isinstance(value, dict):
+            if key == "data.val" and isinstance(value, list):  # several validation files
+                _check_keys({"val": value}, {"val": ref[part]}, "--set", "data.")
+                node[part] = copy.deepcopy(value)
+            elif key == "data.category_ids":
+                node[part] = value  # auto | file | {class name: id}
+            elif isinstance(ref[part], dict) and not isinstance(value, dict):
                 raise UserError(f"--set {key}: '{key}' is a section; set one of its keys")
-            if isinstance(value, dict):
+            elif isinstance(value, dict):
                 _check_keys(value, ref[part], "--set", key + ".")
                 node[part] = _merge(node.get(part, {}), value)
             else:

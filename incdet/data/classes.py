@@ -49,8 +49,8 @@ def merge_categories(dataset: Sequence[dict], extra: Sequence[dict] | None,
         cid, name = int(c["id"]), str(c["name"])
         if cid in names and names[cid] != name:
             raise UserError(f"{source}: category id {cid} is {names[cid]!r} there but {name!r} in "
-                            "the imported detector's classes (config key categories); give the "
-                            "new classes ids the imported detector does not use")
+                            "the imported detector's classes (config key categories); set "
+                            "data.category_ids: auto (the default) to number classes by name")
     extra_ids = {int(c["id"]) for c in extra}
     by_name = {str(c["name"]): int(c["id"]) for c in extra}
     for cid, name in names.items():

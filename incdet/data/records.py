@@ -15,10 +15,21 @@ import numpy as np
 from pycocotools.coco import COCO
 
 
+@dataclass(frozen=True)
+class AnnotatedBy:
+    """The annotation file an image comes from and the classes that file annotates: a
+    validation image of one of several files is evaluated for those classes only (an old-class
+    file says nothing about new-class objects in its images, and the other way round)."""
+
+    file: str
+    classes: frozenset
+
+
 @dataclass
 class ImageRecord:
     """One annotated image. ``boxes`` (N, 4) float32 xyxy; ``category_ids`` (N,);
-    ``iscrowd`` (N,)."""
+    ``iscrowd`` (N,); ``annotated_by``: None when the image is annotated for every class of the
+    experiment (one annotation file), else its file and that file's classes."""
 
     id: int
     path: str
@@ -28,6 +39,7 @@ class ImageRecord:
     category_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     iscrowd: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
     areas: np.ndarray | None = None  # COCO "area" (segment area) when given, else box area
+    annotated_by: AnnotatedBy | None = None
 
 
 @dataclass

@@ -6,6 +6,11 @@ precision array over the group's classes exactly as ``COCOeval.summarize`` does 
 equals a pycocotools run with ``params.catIds`` set to the group; the tests check this).
 A class without ground truth has precision -1 and is left out; a group with no such class has
 null figures.
+
+Validation images of several annotation files (``ImageRecord.annotated_by``) are evaluated for
+the classes of their own file only: one ``COCOeval`` run per set of images that a set of classes
+shares, their precision arrays put side by side, then the same summary (with one file, one run,
+as before). ``evaluated_on`` then says which files each class was evaluated on.
 """
 from __future__ import annotations
 
@@ -75,17 +80,51 @@ def summarize(precision: np.ndarray, k_idx: Sequence[int]) -> dict:
             "APm": _summ(precision, k_idx, area=2), "APl": _summ(precision, k_idx, area=3)}
 
 
+def _precision(coco_gt, results: list[dict], class_ids: list[int],
+               class_images: dict[int, list[int]] | None) -> np.ndarray:
+    """COCOeval's accumulated precision (T, R, K, A, M), K in ``class_ids`` order; with
+    ``class_images`` each class is evaluated on its own images (module docstring)."""
+    runs: dict[tuple, list[int]] = {}  # images -> the classes evaluated on exactly them
+    for c in class_ids:
+        runs.setdefault(tuple(class_images[c]) if class_images else (), []).append(c)
+    out = None
+    for images, cats in runs.items():
+        wanted = set(cats)
+        own = [r for r in results if r["category_id"] in wanted and
+               (not images or r["image_id"] in set(images))]
+        if not own:  # nothing detected: precision 0 where there is ground truth
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev = COCOeval(coco_gt, coco_gt.loadRes(own), "bbox")
+            ev.params.catIds = sorted(cats)
+            if images:
+                ev.params.imgIds = list(images)
+            ev.evaluate()
+            ev.accumulate()
+        p = ev.eval["precision"]
+        if out is None:
+            out = np.full(p.shape[:2] + (len(class_ids),) + p.shape[3:], -2.0)
+        for i, c in enumerate(ev.params.catIds):
+            out[:, :, class_ids.index(c)] = p[:, :, i]
+    return out
+
+
 def coco_evaluate(gt: dict, results: list[dict], class_ids: Sequence[int],
-                  groups: dict[str, Sequence[int]]) -> dict:
-    """Evaluate ``results`` against the COCO dict ``gt`` on ``class_ids``.
+                  groups: dict[str, Sequence[int]],
+                  class_images: dict[int, list[int]] | None = None) -> dict:
+    """Evaluate ``results`` against the COCO dict ``gt`` on ``class_ids``; ``class_images``:
+    each class's validation images (None: every image).
 
     Returns ``{"groups": {name: metrics}, "per_class_ap": {str(id): AP or None}}``.
     """
     class_ids = sorted(int(c) for c in class_ids)
     coco_gt = coco_api(gt)
-    has_gt = {c: len(coco_gt.getAnnIds(catIds=[c], iscrowd=False)) > 0 for c in class_ids}
+    has_gt = {c: len(coco_gt.getAnnIds(catIds=[c], iscrowd=False,
+                                       imgIds=class_images[c] if class_images else [])) > 0
+              for c in class_ids}
     results = [r for r in results if r["category_id"] in set(class_ids)]
-    if not results:
+    precision = _precision(coco_gt, results, class_ids, class_images) if results else None
+    if precision is None:
         # pycocotools cannot load an empty result list: nothing detected means AP 0 wherever
         # there is ground truth
         per_class = {str(c): (0.0 if has_gt[c] else None) for c in class_ids}
@@ -94,14 +133,11 @@ def coco_evaluate(gt: dict, results: list[dict], class_ids: Sequence[int],
             any_gt = any(has_gt.get(int(c), False) for c in ids)
             out_groups[name] = {k: (0.0 if any_gt else None) for k in METRIC_KEYS}
         return {"groups": out_groups, "per_class_ap": per_class}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
-        ev.params.catIds = class_ids
-        ev.evaluate()
-        ev.accumulate()
-    precision = ev.eval["precision"]  # (T, R, K, A, M), K indexed like sorted(params.catIds)
-    index = {c: i for i, c in enumerate(ev.params.catIds)}
+    # a class without any detection: precision 0 where it has ground truth (-1 where none)
+    for i, c in enumerate(class_ids):
+        if (precision[:, :, i] == -2).all():
+            precision[:, :, i] = 0.0 if has_gt[c] else -1.0
+    index = {c: i for i, c in enumerate(class_ids)}
     per_class = {str(c): _summ(precision, [index[c]]) for c in class_ids}
     out_groups = {name: summarize(precision, [index[int(c)] for c in ids])
                   for name, ids in groups.items()}
@@ -114,7 +150,16 @@ def evaluate_model(model, records: Sequence[ImageRecord], categories: Sequence[d
     """Predict on ``records`` and evaluate the model's classes (``order``) by group."""
     results = predict(model, records, order, batch_size, device, num_workers, progress)
     gt = to_coco_dict(records, categories)
-    return coco_evaluate(gt, results, order, groups)
+    files = sorted({r.annotated_by.file for r in records if r.annotated_by is not None})
+    if not files:
+        return coco_evaluate(gt, results, order, groups)
+    class_images = {int(c): [r.id for r in records if r.annotated_by is None or
+                             int(c) in r.annotated_by.classes] for c in order}
+    out = coco_evaluate(gt, results, order, groups, class_images)
+    out["evaluated_on"] = {str(c): [f for f in files if any(
+        r.annotated_by is not None and r.annotated_by.file == f and int(c) in
+        r.annotated_by.classes for r in records)] for c in order}
+    return out
 
 
 def format_table(evaluation: dict, names: dict[int, str] | None = None) -> str:

@@ -14,7 +14,7 @@ from incdet.data.classes import ClassSpace, merge_categories
 from incdet.data.dataset import DetectionDataset, collate, make_loader
 from incdet.data.records import filter_for_classes
 from incdet.data.sampler import MixedBatchSampler
-from incdet.data.sources import ensure_builtin, load_subset
+from incdet.data.sources import category_changes, ensure_builtin, load_subset
 from incdet.data.transforms import build_train_transform
 from incdet.experiment import methods
 from incdet.train.engine import resolve_num_workers
@@ -104,13 +104,28 @@ def _shuffle_generator(loader) -> torch.Generator:
 def load_experiment(cfg: dict, progress: bool = True):
     """Data and class bookkeeping shared by training and evaluation."""
     ensure_builtin(cfg["data"], progress)
-    train_set = load_subset(cfg["data"], "train")
-    val_set = load_subset(cfg["data"], "val")
-    if [c["id"] for c in train_set.categories] != [c["id"] for c in val_set.categories]:
+    changes = category_changes(cfg["data"], cfg.get("categories"))
+    train_set = load_subset(cfg["data"], "train", changes)
+    val_set = load_subset(cfg["data"], "val", changes)
+    train_ids = [c["id"] for c in train_set.categories]
+    if len(val_set.files) == 1 and train_ids != [c["id"] for c in val_set.categories]:
         raise UserError(f"{val_set.source}: its categories differ from {train_set.source}; both "
-                        "subsets must share one category list")
+                        "subsets must share one category list (or give data.val as a list: "
+                        "the old classes' validation file and the new data's)")
     categories = merge_categories(train_set.categories, cfg.get("categories"),
                                   str(train_set.source))
+    if len(val_set.files) > 1:
+        known = {c["id"] for c in categories}
+        unknown = [c for c in val_set.categories if c["id"] not in known]
+        missing = sorted(set(train_ids) - {c["id"] for c in val_set.categories})
+        if unknown or missing:
+            raise UserError(
+                f"data.val: {val_set.source}: " + (
+                    f"class {unknown[0]['name']!r} (id {unknown[0]['id']}) is neither in the "
+                    "training file nor among the imported detector's classes" if unknown else
+                    f"no validation file lists the training class id {missing[0]}") +
+                "; every validation class must be one the experiment knows, and every training "
+                "class must be listed by a validation file")
     order = cfg["class_order"]
     if order is None and cfg.get("categories") and not isinstance(cfg["split"], list):
         # an imported detector's classes come first, in its own order; then the others

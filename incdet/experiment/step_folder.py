@@ -28,6 +28,7 @@ from incdet.base.config import differing_keys, dump_config, strip_private
 from incdet.base.errors import UserError
 from incdet.base.io import atomic_write_json, sha256_file
 from incdet.base.version import __version__
+from incdet.data.sources import annotation_files, data_record
 from incdet.model.checkpoint import save_checkpoint
 from incdet.train.engine import device_record
 
@@ -61,13 +62,8 @@ def config_digest(cfg: dict) -> str:
 
 def data_files(cfg: dict) -> dict[str, str]:
     """sha256 of each annotation file the config reads (COCO json; VOC: the image-set list)."""
-    root = Path(cfg["data"]["root"])
-    out = {}
-    for subset in ("train", "val"):
-        path = root / cfg["data"][subset]["annotations"]
-        if path.is_file():
-            out[str(path)] = sha256_file(path)
-    return out
+    return {str(path): sha256_file(path) for path in annotation_files(cfg["data"])
+            if path.is_file()}
 
 
 def check_same_config(where: Path, saved: dict | None, cfg: dict, state: str) -> None:
@@ -136,6 +132,7 @@ def write_step(step_dir: Path, cfg: dict, ckpt: dict, metrics: dict, device, tra
                     "deterministic": bool(tcfg.get("deterministic"))}
     out["config_digest"] = config_digest(cfg)
     out["data_files"] = data_files(cfg)
+    out.update(data_record(cfg["data"], cfg.get("categories")))  # ids changed, val files
     out["versions"] = {"incdet": __version__, "torch": torch.__version__,
                        "torchvision": torchvision.__version__}
     if memory is not None:
