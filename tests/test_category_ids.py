@@ -21,9 +21,9 @@ NEW = [{"id": 1, "name": "platypus"}, {"id": 2, "name": "person"}, {"id": 5, "na
 
 def test_auto_numbers_by_name_then_keeps_a_free_id_then_takes_the_next_free_one():
     changes = assign_category_ids([("new.json", NEW), ("val.json", [NEW[0]])], KNOWN, "auto")
-    # platypus collides with person (1): the lowest id above all in use, 3; person is 1 by
-    # name; kiwi's 5 is free and stays; the second file's platypus follows the first's
-    assert changes == {"new.json": {1: 3, 2: 1}, "val.json": {1: 3}}
+    # platypus collides with person (1): the next id above all in use or in a file, 6; person
+    # is 1 by name; kiwi's 5 is free and stays; the second file's platypus follows the first's
+    assert changes == {"new.json": {1: 6, 2: 1}, "val.json": {1: 6}}
     assert assign_category_ids([("new.json", NEW)], KNOWN, "file") == {}
     pinned = assign_category_ids([("new.json", NEW)], KNOWN, {"platypus": 91})
     assert pinned == {"new.json": {1: 91, 2: 1}}

@@ -6,14 +6,14 @@ written to, whatever ``data.synthetic.generate`` says (design.md, "A user's data
 
 **Category ids** (``data.category_ids``, design.md "Your classes' ids"): a COCO file of new
 classes is usually numbered from 1, where an imported COCO detector already uses 1..90. With
-``auto`` (the default) each category of the experiment's files takes, in the order train file,
-validation files: the id of the known class of the same name (the imported detector's
+``auto`` (the default) each category of the experiment's files (train file, then validation
+files) takes the id of the known class of the same name (the imported detector's
 ``categories``, or a file read before), else its own id when no other class has it, else the
-lowest id above every id in use. A mapping ``{name: id}`` pins classes first; ``file`` keeps the
-files' ids (a collision is then an error). Matching by name, not by offset, is what makes one
-class keep one id across the old classes' validation file, the new data and the detector. The
-changes are logged, applied to every record read, and written to each step's ``metrics.json``
-(:func:`data_record`).
+next id above every id in use or in a file. A mapping ``{name: id}`` pins classes first;
+``file`` keeps the files' ids (a collision is then an error). Matching by name, not by offset,
+is what makes one class keep one id across the old classes' validation file, the new data and
+the detector. The changes are logged, applied to every record read, and written to each step's
+``metrics.json`` (:func:`data_record`).
 
 **Several validation files** (``data.val`` a list of ``{images, annotations}``): typically the old
 classes' own file and the new data's. Each image is evaluated for the classes its file lists
@@ -119,16 +119,22 @@ def assign_category_ids(files: list[tuple[str, list[dict]]], known: list[dict] |
             raise UserError(f"data.category_ids: {name!r} -> {cid}, but {name!r} is id "
                             f"{id_of[name]} among the imported detector's classes")
         take(str(name), cid, "data.category_ids")
+    # first every class that keeps its file's id (a known name, or an id no other class has),
+    # then the others, in reading order, above every id in use or in a file: no shifted class
+    # lands on the id of another file's class
+    for source, cats in files:
+        for c in cats:
+            if c["name"] not in id_of and c["id"] not in name_of:
+                take(c["name"], c["id"], source)
+    top = max(list(name_of) + [c["id"] for _, cats in files for c in cats], default=0)
     changes: dict[str, dict[int, int]] = {}
     for source, cats in files:
         for c in cats:
-            name, cid = c["name"], c["id"]
-            new = id_of.get(name)
-            if new is None:
-                new = cid if cid not in name_of else max(name_of) + 1
-                take(name, new, source)
-            if new != cid:
-                changes.setdefault(source, {})[cid] = new
+            if c["name"] not in id_of:
+                top += 1
+                take(c["name"], top, source)
+            if id_of[c["name"]] != c["id"]:
+                changes.setdefault(source, {})[c["id"]] = id_of[c["name"]]
     return changes
 
 
