@@ -143,6 +143,12 @@ def test_later_steps_grow_the_imported_head(tmp_path, tiny_dataset):
     step1 = tmp_path / "step1.yaml"
     step1.write_text(f"_base_: {tmp_path / 'w' / 'step_0' / 'config.yaml'}\nsplit: '5+5'\n")
     cfg = load_config(step1)
+    # a torchvision ResNet detector is fine-tuned with torchvision's reference recipe (lr for
+    # batch 4: 0.01 * 4 / 16), which step 0's config.yaml hands on to the next steps
+    recipe = {"train.optimizer": "sgd", "train.lr": 0.0025, "train.weight_decay": 0.0001,
+              "augment.scale_p": 0.0, "augment.crop_p": 0.0, "augment.brightness_contrast_p": 0.0}
+    assert metrics["imported"]["recipe"] == recipe
+    assert {k: cfg[k.split(".")[0]][k.split(".")[1]] for k in recipe} == recipe
     _, _, classes = load_experiment(cfg, progress=False)
     sc = classes.step(1)
     previous = load_checkpoint(tmp_path / "w" / "step_0" / "checkpoint.pt")

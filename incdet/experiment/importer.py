@@ -11,6 +11,16 @@ so every later step, the protocol runner, evaluation and export work unchanged:
   They become the config's ``categories``; a string split (``"80+2"``) then takes them first, in
   this order, and the dataset's other classes after them in ascending id.
 
+* **Training recipe**: a torchvision ResNet detector is fine-tuned as torchvision's detection
+  references fine-tune RetinaNet (:data:`TORCHVISION_RECIPE`: SGD at 0.01 for batch 16, momentum
+  0.9, weight decay 1e-4, horizontal flips only), not with the CPU preset made for a MobileNet
+  trained from scratch on 128 px shapes. Only the settings the experiment's config leaves at
+  their defaults change; ``imported.recipe`` in ``metrics.json`` lists them, and step 0's
+  ``config.yaml`` (the ``_base_`` of the next steps) carries them. A detector of incdet's own
+  layout keeps the config's recipe.
+* **What a state dict cannot tell** (image sizes, score and NMS thresholds, detections per image)
+  comes from the config or ``--set``; the log names these settings and their values.
+
 Detections of the imported model equal the stock detector's in eval mode; the tests check it for
 both torchvision layouts.
 """
@@ -34,6 +44,32 @@ from incdet.model.checkpoint import model_of
 from incdet.model.torchvision import import_model
 
 log = logging.getLogger(__name__)
+
+# torchvision's detection references (references/detection, RetinaNet): SGD 0.01 at batch 16
+# (8 GPUs x 2), momentum 0.9, weight decay 1e-4, horizontal flips as the only augmentation
+TORCHVISION_RECIPE = {"train": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
+                                "weight_decay": 1e-4},
+                      "augment": {"scale_p": 0.0, "crop_p": 0.0, "brightness_contrast_p": 0.0}}
+# settings a state dict does not carry: the config's values are used (logged at import)
+NOT_IN_A_STATE_DICT = ("min_size", "max_size", "score_thresh", "nms_thresh",
+                       "detections_per_img")
+
+
+def import_recipe(cfg: dict) -> dict:
+    """The training settings suited to the imported detector that ``cfg`` leaves at their
+    defaults (module docstring): ``{"train.lr": 0.01, ...}`` (learning rate scaled linearly to
+    the batch size); applied to ``cfg`` in place."""
+    if not cfg["model"]["backbone"].startswith("resnet"):
+        return {}
+    changed = {}
+    for section, values in TORCHVISION_RECIPE.items():
+        for key, value in values.items():
+            if key == "lr":
+                value = value * int(cfg["train"]["batch_size"]) / 16
+            if cfg[section][key] == DEFAULTS[section][key] and value != cfg[section][key]:
+                cfg[section][key] = value
+                changed[f"{section}.{key}"] = value
+    return changed
 
 
 def import_detector(model: RetinaNet, slots: Sequence[dict | None], cfg: dict,
@@ -59,7 +95,14 @@ def import_detector(model: RetinaNet, slots: Sequence[dict | None], cfg: dict,
     ids = [c["id"] for c in categories]
     cfg["split"] = [ids]
     cfg["class_order"] = None
+    recipe = import_recipe(cfg)
     apply_overrides(cfg, list(overrides))
+    recipe = {k: v for k, v in recipe.items() if k not in {o.split("=")[0] for o in overrides}}
+    if recipe:
+        log.info("training recipe for the imported detector (torchvision's references): %s",
+                 ", ".join(f"{k}={v}" for k, v in recipe.items()))
+    log.info("not in a state dict, taken from the config: %s",
+             ", ".join(f"model.{k}={cfg['model'].get(k)}" for k in NOT_IN_A_STATE_DICT))
     ckpt = {"step": 0, "class_order": ids, "steps": [ids],
             "names": {str(c["id"]): c["name"] for c in categories},
             "head_layout": [len(ids)], "head_towers": [0], "config": strip_private(cfg),
@@ -82,7 +125,7 @@ def import_detector(model: RetinaNet, slots: Sequence[dict | None], cfg: dict,
                "map": {k: evaluation["groups"][k] for k in ("old", "new", "all")},
                "groups": {"step_0": evaluation["groups"]["step_0"]},
                "per_class_ap": evaluation["per_class_ap"], "forgetting": {},
-               "imported": {"source": source, "evaluated": evaluate}}
+               "imported": {"source": source, "evaluated": evaluate, "recipe": recipe}}
     model_part = {k: ckpt[k] for k in ("class_order", "steps", "names", "head_layout",
                                        "head_towers", "model", "history")}
     completed(step_dir, cfg, force=True)  # --force: the old result goes before the new one
