@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +232,49 @@ def is_complete(root: str | os.PathLike) -> bool:
         except (OSError, ValueError):
             return False
     return True
+
+
+def write_user_data(out: str | os.PathLike, num_old: int = 5, num_train: int = 400,
+                    num_val: int = 100, image_size: int = 128, seed: int = 0,
+                    progress: bool = True) -> dict[str, Path]:
+    """The built-in images as a user's data looks when new classes arrive (docs/tutorial.md):
+    ``out/images/{train,val}/`` and three COCO files in ``out/annotations/``:
+
+    * ``new_train.json`` and ``new_val.json``: the classes after the first ``num_old``, numbered
+      from 1 as a labelling tool numbers them, annotated on the images that hold them (nothing
+      of the old classes);
+    * ``old_val.json``: the first ``num_old`` classes with the built-in ids (those of a detector
+      trained on them), on every validation image: the old classes' own validation file.
+
+    The folder is a user's folder afterwards (no generator marker): incdet only reads it.
+    ``out`` must be missing or empty. Returns the three files."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not empty; the practice data goes into a new folder")
+    staging = out.parent / f".{out.name}.generating"
+    if staging.exists():
+        shutil.rmtree(staging)
+    generate(staging, num_train, num_val, image_size, seed, progress)
+    old, new = CATEGORIES[:num_old], CATEGORIES[num_old:]
+    number = {c["id"]: i + 1 for i, c in enumerate(new)}
+
+    def subset(data: dict, cats: list[dict], ids: dict[int, int], every_image: bool) -> dict:
+        anns = [dict(a, category_id=ids[a["category_id"]]) for a in data["annotations"]
+                if a["category_id"] in ids]
+        shown = {a["image_id"] for a in anns}
+        return {"images": [i for i in data["images"] if every_image or i["id"] in shown],
+                "annotations": anns, "categories": cats}
+
+    read = {s: json.loads((staging / "annotations" / f"{s}.json").read_text()) for s in _SUBSETS}
+    renumbered = [{"id": number[c["id"]], "name": c["name"]} for c in new]
+    files = {"new_train": subset(read["train"], renumbered, number, False),
+             "new_val": subset(read["val"], renumbered, number, False),
+             "old_val": subset(read["val"], old, {c["id"]: c["id"] for c in old}, True)}
+    out.mkdir(parents=True, exist_ok=True)
+    (staging / "images").rename(out / "images")
+    written = {}
+    for name, data in files.items():
+        written[name] = out / "annotations" / f"{name}.json"
+        atomic_write_json(written[name], data)
+    shutil.rmtree(staging)
+    return written
