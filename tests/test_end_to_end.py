@@ -88,7 +88,7 @@ def test_train_step_0_tool_matches_direct_pycocotools(tiny_config, tmp_path):
     assert metrics["map"]["new"]["AP"] > 0
     out = tmp_path / "eval.json"
     r = _tool("tools/evaluate.py", "--checkpoint", str(step_dir / "checkpoint.pt"), "--set",
-              "model.score_thresh=1.01", "--no-progress", "--json", str(out))
+              "model.score_thresh=1.01", "--no-progress", "--out", str(out))
     assert r.returncode == 0, r.stderr
     evaluation = json.loads(out.read_text())
     assert evaluation["groups"]["new"]["AP"] == 0.0

@@ -1,6 +1,7 @@
 """Export to TorchScript and ONNX, loading in a process without incdet, the Python API and the
 inference tool."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -155,20 +156,27 @@ def test_export_refuses_a_mismatch_and_writes_nothing(grown_checkpoint, tmp_path
 
 def test_infer_tool_writes_results_and_drawings(grown_checkpoint, tmp_path, tiny_dataset):
     images = sorted((tiny_dataset / "images" / "val").iterdir())[:3]
+    folder = tmp_path / "photos"  # a folder of images, and an image file
+    folder.mkdir()
+    for img in images[:2]:
+        shutil.copy(img, folder / img.name)
+    (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "tools/infer.py", "--checkpoint", str(grown_checkpoint),
-                        "--images", *map(str, images), "--out", str(out), "--no-progress",
-                        "--score-thresh", "0.0"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+                        "--images", str(folder), str(images[2]), "--out-dir", str(out),
+                        "--no-progress", "--score-thresh", "0.0"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     dets = json.loads((out / "detections.json").read_text())
     assert {d["image_id"] for d in dets} == {1, 2, 3} and len(dets) == 90
+    assert sorted({d["file_name"] for d in dets}) == sorted(
+        [str(folder / img.name) for img in images[:2]] + [str(images[2])])
     assert all(len(d["bbox"]) == 4 and d["bbox"][2] >= 0 for d in dets)
     assert {d["category_id"] for d in dets} <= {1, 2, 4, 5, 7, 9, 11, 14, 16, 18}
     for img in images:
         assert (out / f"{img.stem}.png").read_bytes()[:4] == b"\x89PNG"
     bad = subprocess.run([sys.executable, "tools/infer.py", "--model", str(tmp_path / "no.onnx"),
-                          "--images", str(images[0]), "--out", str(out)], cwd=ROOT,
+                          "--images", str(images[0]), "--out-dir", str(out)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no.onnx: model file not found" in bad.stderr
     assert "Traceback" not in bad.stderr

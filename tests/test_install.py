@@ -77,8 +77,8 @@ def test_installed_tools_run_the_installed_package(installed):
 
 def test_installed_tools_do_work_and_report_user_errors(installed, tmp_path):
     bin_dir = installed["venv"] / "bin"
-    r = _run(installed, bin_dir / "incdet-make-dataset", "--out", tmp_path / "shapes", "--train",
-             "6", "--val", "3", "--size", "64")
+    r = _run(installed, bin_dir / "incdet-make-dataset", "--out-dir", tmp_path / "shapes",
+             "--train", "6", "--val", "3", "--size", "64")
     assert r.returncode == 0, r.stderr
     with open(tmp_path / "shapes" / "annotations" / "val.json") as f:
         assert len(json.load(f)["images"]) == 3

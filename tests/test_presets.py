@@ -86,13 +86,13 @@ def test_benchmark_regime_names_the_missing_preset_and_sections_list_their_choic
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     with pytest.raises(SystemExit) as e:
-        tool.main(["--regime", "pretrained", "--sections", "2step-disjoint", "--out",
+        tool.main(["--regime", "pretrained", "--sections", "2step-disjoint", "--work-dir",
                    str(tmp_path)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "configs/pretrained/shapes_2step_disjoint.yaml does not exist" \
         in err and "shapes_2step, shapes_4step, shapes_6step, shapes_joint" in err
     with pytest.raises(SystemExit) as e:
-        tool.main(["--sections", "2stpe", "--out", str(tmp_path)])
+        tool.main(["--sections", "2stpe", "--work-dir", str(tmp_path)])
     assert e.value.code == 2 and "unknown section '2stpe'; choose from throughput" in \
         capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

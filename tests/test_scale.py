@@ -54,7 +54,7 @@ def test_generator_has_coco_ids_gaps_and_box_counts(small):
 
 
 def test_make_dataset_coco_like_is_read_by_load_coco_like_pycocotools(tmp_path):
-    assert make_dataset(["--out", str(tmp_path), "--coco-like", "--train", "400"]) == 0
+    assert make_dataset(["--out-dir", str(tmp_path), "--coco-like", "--train", "400"]) == 0
     path = tmp_path / "annotations" / "instances_train2017.json"
     data = json.loads(path.read_text())
     cats, records, report = load_coco(path, tmp_path / "images", check_files=False)

@@ -1,6 +1,7 @@
-"""Atomic file writes: write to a temporary file in the same folder, fsync, rename.
+"""Files: atomic writes, digests, and the image files a user names.
 
-A reader never sees a half-written file, and an interrupted write leaves the old file intact.
+An atomic write writes to a temporary file in the same folder, fsyncs and renames: a reader never
+sees a half-written file, and an interrupted write leaves the old file intact.
 """
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
+
+from incdet.base.errors import UserError
+
+# what counts as an image in a folder, for every tool that reads one (infer, merge)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
@@ -62,3 +68,23 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
     _atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
+def image_files(items: Iterable[str | os.PathLike], option: str = "--images") -> list[Path]:
+    """The images ``items`` name: a file as it is, a folder as its files with a suffix of
+    :data:`IMAGE_SUFFIXES` (any case), sorted by name. A missing path, or no image at all, is a
+    :class:`UserError` naming ``option``."""
+    items = [Path(item) for item in items]
+    files: list[Path] = []
+    for path in items:
+        if path.is_dir():
+            files += sorted(f for f in path.iterdir()
+                            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{option} {path}: no such image file or folder")
+    if not files:
+        raise UserError(f"{option} {', '.join(map(str, items))}: no image found (looked for "
+                        f"{', '.join(IMAGE_SUFFIXES)})")
+    return files

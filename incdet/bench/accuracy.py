@@ -112,6 +112,31 @@ def over_seeds(per_seed: dict[int, dict]) -> dict:
     return out
 
 
+# before the benchmark named its variants as run_protocol does (experiment.protocol.VARIANTS),
+# its incdet ran without the exemplar memory and incdet_memory with it
+FORMER_NAMES = {"incdet": "incdet_no_memory", "incdet_memory": "incdet"}
+# the figures of a protocol section (and of each seed's result) that are keyed by variant
+PER_VARIANT = ("final_ap", "ratio_to_joint", "step0_retention", "old_ap_retention",
+               "last_step_seconds", "steps")
+
+
+def in_current_names(result: dict) -> dict:
+    """A protocol section's result with its variants named as today: one written before the
+    section recorded its ``variants`` used :data:`FORMER_NAMES` (``NAME@overrides`` too)."""
+    if "variants" in result:
+        return result
+
+    def name(key: str) -> str:
+        base, *extra = key.split("@")
+        return "@".join([FORMER_NAMES.get(base, base), *extra])
+
+    out = {k: ({name(m): v for m, v in result[k].items()} if k in PER_VARIANT else v)
+           for k, v in result.items()}
+    if "seeds" in result:
+        out["seeds"] = {seed: in_current_names(r) for seed, r in result["seeds"].items()}
+    return out
+
+
 def spread_text(v: dict | None, spec: str = ".3f") -> str:
     """``0.512 (0.509–0.515, 2 seeds)``, or the value alone for one seed."""
     if v is None:

@@ -4,8 +4,8 @@ On a 5 + 5 split of the built-in data (``configs/shapes_2step.yaml``), at one bu
 run (``iters_per_class`` per class a step adds; every merge trains for one step's budget):
 
 1. a protocol run: ``branch`` (5 + 5), ``branch`` with ``branch_from: fpn`` and with
-   ``branch_from: backbone``, ``incdet`` without memory, and the equal-compute ``joint`` on
-   all 10 classes, from one shared step 0 (classes A);
+   ``branch_from: backbone``, ``incdet_no_memory`` (``incdet`` without memory), and the
+   equal-compute ``joint`` on all 10 classes, from one shared step 0 (classes A);
 2. teacher B: a detector trained apart, on the images of classes B alone (their boxes only);
 3. **consolidation**: the ``branch`` model merged into one stock RetinaNet using only step 1's
    images (their B boxes); the same for the ``branch_from: backbone`` model;
@@ -46,7 +46,7 @@ VARIANTS = {"branch": ["incremental.method=branch", "memory.budget=0"],
                            "memory.budget=0"],
             "branch_backbone": ["incremental.method=branch", "incremental.branch_from=backbone",
                                 "memory.budget=0"],
-            "incdet": ["incremental.method=incdet", "memory.budget=0"],
+            "incdet_no_memory": ["incremental.method=incdet", "memory.budget=0"],
             "joint": ["incremental.method=joint", "memory.budget=0"]}
 
 
@@ -92,7 +92,7 @@ def merge_benchmark(cfg: dict, work_dir: str | Path, progress: bool = True,
                            progress)
     consolidated_bb = _merged([protocol / "branch_backbone" / "step_1"],
                               work / "consolidated_backbone", merge_cfg, progress)
-    teacher_a = protocol / "incdet" / "step_0"
+    teacher_a = protocol / "incdet_no_memory" / "step_0"
     merged_ab = _merged([teacher_a, work / "teacher_b" / "step_0"], work / "merged_ab",
                         merge_cfg, progress)
     pure_cfg = copy.deepcopy(merge_cfg)
@@ -133,8 +133,8 @@ def merge_benchmark(cfg: dict, work_dir: str | Path, progress: bool = True,
         vals = [v for v in vals if v is not None]
         return sum(vals) / len(vals) if vals else None
 
-    branch, incdet, joint = runs["branch"][1], runs["incdet"][1], runs["joint"][-1]
-    step0 = runs["incdet"][0]
+    branch, incdet, joint = runs["branch"][1], runs["incdet_no_memory"][1], runs["joint"][-1]
+    step0 = runs["incdet_no_memory"][0]
     out = {
         "step_iters": step_iters,
         "consolidation": {

@@ -52,6 +52,7 @@ from PIL import Image
 from incdet.base.config import dump_config, with_defaults
 from incdet.base.devices import resolve_device, seed_everything
 from incdet.base.errors import UserError, check_choice
+from incdet.base.io import image_files
 from incdet.data.classes import ClassSpace
 from incdet.data.dataset import DetectionDataset, make_loader
 from incdet.data.records import ImageRecord, filter_for_classes
@@ -82,7 +83,6 @@ CHOICES = {"annotated": ("auto", "distil", "labels"), "anchors": ("auto", "all",
 # detectors", measures both uses with both settings
 AUTO = {"gamma": (0.0, 2.0), "box_thresh": (0.2, 0.5), "annotated": ("labels", "distil"),
         "cls_weight": (0.25, 1.0), "anchors": ("erd", "all")}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 @dataclass
@@ -225,13 +225,11 @@ def resolve_settings(mcfg: dict, from_teacher: bool) -> dict:
 
 
 def image_folder(folder: str | Path) -> list[ImageRecord]:
-    """Unlabelled records of every image in ``folder`` (sorted by name)."""
+    """Unlabelled records of every image in ``folder`` (:func:`~incdet.base.io.image_files`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--images {folder}: not a folder of images")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise UserError(f"--images {folder}: no image ({', '.join(IMAGE_SUFFIXES)}) in it")
+    paths = image_files([folder])
     records = []
     for i, p in enumerate(paths):
         try:

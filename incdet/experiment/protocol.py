@@ -1,12 +1,12 @@
 """Runs every step of a split for several variants side by side, sharing identical work.
 
-A variant is a name and config overrides (usually just ``incremental.method``); each lives in
-``work_dir/<name>/step_<t>/``. Step 0 trains the base classes from scratch in the same way for
-every method, so variants whose configs differ only in ``incremental`` and ``memory`` settings
-train it once (the first of them) and copy the finished folder; a variant that needs an exemplar
-memory the copy lacks selects it from the copied model. Completed steps are skipped and an
-interrupted one resumes from its ``last.pt``, so running the same protocol again continues where
-it stopped.
+A variant is a name and config overrides (usually just ``incremental.method``; :data:`VARIANTS`
+names those the tools compare); each lives in ``work_dir/<name>/step_<t>/``. Step 0 trains the
+base classes from scratch in the same way for every method, so variants whose configs differ
+only in ``incremental`` and ``memory`` settings train it once (the first of them) and copy the
+finished folder; a variant that needs an exemplar memory the copy lacks selects it from the
+copied model. Completed steps are skipped and an interrupted one resumes from its ``last.pt``,
+so running the same protocol again continues where it stopped.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from incdet.base.errors import UserError
 from incdet.base.io import atomic_write_json
 from incdet.experiment.exemplars import write_memory
 from incdet.experiment.loaders import load_experiment
-from incdet.experiment.methods import memory_enabled
+from incdet.experiment.methods import METHODS, memory_enabled
 from incdet.experiment.step import run_step
 from incdet.experiment.step_folder import config_digest
 
@@ -30,8 +30,23 @@ from incdet.experiment.step_folder import config_digest
 _STEP0_NEUTRAL = ("incremental", "memory")
 
 
+# The variants tools/run_protocol.py and tools/benchmark.py compare, by name: every method with
+# the config's settings (``incdet`` with the config's exemplar memory), and incdet without it.
+VARIANTS = {**{m: [f"incremental.method={m}"] for m in METHODS},
+            "incdet_no_memory": ["incremental.method=incdet", "memory.budget=0"],
+            # with the teacher's old-class detections as extra targets
+            "incdet_pseudo": ["incremental.method=incdet", "memory.budget=0",
+                              "incremental.pseudo_labels=true"]}
+
+
 def method_variants(methods: list[str]) -> dict[str, list[str]]:
-    return {m: [f"incremental.method={m}"] for m in methods}
+    """The config overrides of each variant named in ``methods`` (:data:`VARIANTS`); an unknown
+    name, or none, is a :class:`UserError` listing the names."""
+    unknown = [m for m in methods if m not in VARIANTS]
+    if unknown or not methods:
+        raise UserError(f"--methods: {','.join(unknown) or '(empty)'} not among "
+                        f"{', '.join(VARIANTS)}")
+    return {m: list(VARIANTS[m]) for m in methods}
 
 
 def variant_configs(cfg: dict, variants: dict[str, list[str]]) -> dict[str, dict]:

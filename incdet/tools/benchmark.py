@@ -1,11 +1,13 @@
 """Benchmarks of incdet on the built-in dataset; writes a JSON of results and prints a table.
 
-    python tools/benchmark.py [--quick] [--regime scratch|pretrained] [--out runs/benchmark]
-                              [--sections throughput,cost,...]
+    python tools/benchmark.py [--quick] [--regime scratch|pretrained] [--work-dir runs/benchmark]
+                              [--sections throughput,cost,...] [--methods incdet,finetune,...]
 
 Accuracy sections train every method with the same iteration budget per step
 (``--iters``); figures are only comparable between runs with the same budget, config and seed,
-which the JSON records.
+which the JSON records. Methods are named as ``tools/run_protocol.py`` names them
+(:data:`incdet.experiment.protocol.VARIANTS`); each variant's folder and result keys carry its
+name.
 """
 from __future__ import annotations
 
@@ -18,14 +20,22 @@ from pathlib import Path
 import torch
 
 from incdet.base.config import load_config
+from incdet.base.errors import UserError
 from incdet.base.io import atomic_write_json
 from incdet.bench import accuracy, herding, inference, model_cost, pretrained, scale, training_cost
 from incdet.bench.markdown import markdown
 from incdet.bench.merge import merge_benchmark
 from incdet.experiment.loaders import load_experiment
-from incdet.experiment.methods import incremental_iterations
-from incdet.experiment.protocol import run_protocol
-from incdet.tools.cli import main_guard, setup_logging
+from incdet.experiment.methods import METHODS, incremental_iterations
+from incdet.experiment.protocol import VARIANTS, method_variants, run_protocol
+from incdet.tools.cli import (
+    add_device,
+    add_renamed,
+    deprecated,
+    device_overrides,
+    main_guard,
+    setup_logging,
+)
 
 SECTIONS = ("throughput", "cost", "herding", "2step", "2step-disjoint", "4step", "6step",
             "inference", "pretrained", "gpu", "scale", "merge")
@@ -36,6 +46,11 @@ PROTOCOLS = {"2step": "shapes_2step", "4step": "shapes_4step", "6step": "shapes_
 # from scratch); pretrained: configs/pretrained/NAME.yaml (the same protocol from torchvision's
 # ImageNet MobileNetV2 with the recipe measured for it)
 REGIMES = {"scratch": "configs", "pretrained": "configs/pretrained"}
+# the methods' names of this tool before they became run_protocol's (VARIANTS), still accepted
+RENAMED_METHODS = {"incdet_memory": "incdet"}
+# the methods that keep no exemplar memory run with memory.budget=0, as they always have here
+# (it changes nothing they train, and their step folders keep their configs)
+NO_MEMORY = tuple(m for m in METHODS if m != "incdet")
 # the pretrained section's variants: step 1 from an imported step-0 detector, no memory
 PRETRAINED = {"branch": ["incremental.method=branch"], "incdet": ["incremental.method=incdet"],
               "incdet_pseudo": ["incremental.method=incdet", "incremental.pseudo_labels=true"],
@@ -44,9 +59,10 @@ PRETRAINED = {"branch": ["incremental.method=branch"], "incdet": ["incremental.m
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None,
-                        help="results folder (default runs/benchmark, --quick: "
-                             "runs/benchmark_quick; --regime pretrained adds _pretrained)")
+    add_renamed(parser, "--work-dir", "--out", default=None, metavar="DIR",
+                help="results folder: benchmark.json and each section's experiment folders "
+                     "(default runs/benchmark, --quick: runs/benchmark_quick; --regime "
+                     "pretrained adds _pretrained)")
     parser.add_argument("--regime", choices=tuple(REGIMES), default="scratch",
                         help="scratch: the presets configs/NAME.yaml (backbone trained from "
                              "scratch); pretrained: configs/pretrained/NAME.yaml (ImageNet "
@@ -61,12 +77,14 @@ def main(argv=None) -> int:
                              "equal-compute joint trains N times all the classes")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help="comma-separated, from: " + ", ".join(SECTIONS))
-    parser.add_argument("--methods", default="incdet_memory,incdet,finetune,joint",
-                        help="variants: incdet_memory (with the exemplar memory), incdet, "
-                             "incdet_pseudo (incdet with teacher pseudo-labels), finetune, joint "
-                             "(all but incdet_memory without memory); NAME@key=value@... adds "
-                             "overrides to one variant, e.g. "
-                             "incdet_memory@memory.replay_mode=share")
+    parser.add_argument("--methods", default="incdet,incdet_no_memory,finetune,joint",
+                        help="accuracy sections' variants, comma-separated, from: "
+                             + ", ".join(VARIANTS) + " (as tools/run_protocol.py names them: "
+                             "incdet with the config's exemplar memory, incdet_no_memory and "
+                             "incdet_pseudo without; the others keep none); NAME@key=value@... "
+                             "adds overrides to one variant, e.g. "
+                             "incdet@memory.replay_mode=share (default: %(default)s; "
+                             "incdet_memory is the former name of incdet, deprecated)")
     parser.add_argument("--joint-reference", metavar="METRICS_JSON",
                         help="without joint among --methods: take joint's AP from this finished "
                              "step-0 run on all classes with the same recipe and the "
@@ -80,15 +98,18 @@ def main(argv=None) -> int:
                         "(default: the config's train.seed)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override for every section")
+    add_device(parser, "where the sections train (throughput included); sets train.device of "
+               "every section's config (cost, herding and inference measure the CPU, gpu CUDA)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--markdown", action="store_true",
-                        help="print the figures table of OUT/benchmark.json and exit")
+                        help="print the figures table of WORK_DIR/benchmark.json and exit")
     args = parser.parse_args(argv)
     setup_logging()
-    args.out = args.out or ("runs/benchmark_quick" if args.quick else "runs/benchmark") + (
+    args.work_dir = args.work_dir or (
+        "runs/benchmark_quick" if args.quick else "runs/benchmark") + (
         "" if args.regime == "scratch" else f"_{args.regime}")
     if args.markdown:
-        with open(f"{args.out}/benchmark.json") as f:
+        with open(f"{args.work_dir}/benchmark.json") as f:
             print(markdown(json.load(f)))
         return 0
 
@@ -111,7 +132,19 @@ def main(argv=None) -> int:
         seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else [None]
     except ValueError:
         parser.error(f"--seeds {args.seeds!r}: expected integers such as 0,1")
-    methods = [m for m in args.methods.split(",") if m]
+    methods = []  # "NAME@key=value@...": the variant NAME with extra overrides of its own
+    for entry in (m for m in args.methods.split(",") if m):
+        name, *extra = entry.split("@")
+        if name in RENAMED_METHODS:
+            deprecated(f"--methods {name}", f"--methods {RENAMED_METHODS[name]}")
+            entry = "@".join([RENAMED_METHODS[name], *extra])
+        if entry in methods:
+            parser.error(f"--methods: {entry} is named twice")
+        methods.append(entry)
+    try:
+        method_variants([m.split("@")[0] for m in methods])
+    except UserError as e:
+        parser.error(str(e))
     if args.iters_per_class is not None and args.iters_per_class < 1:
         parser.error(f"--iters-per-class {args.iters_per_class}: expected a positive integer")
     if args.joint_reference and any(m.split("@")[0] == "joint" for m in methods):
@@ -135,6 +168,7 @@ def main(argv=None) -> int:
         budget, budget_name = [f"train.max_iters={iters}", "train.iters_per_class=null"], iters
     if args.quick:  # evaluate on 100 validation images: the quick figures are a smoke check
         args.overrides = ["data.val_max_images=100"] + args.overrides
+    args.overrides = args.overrides + device_overrides(args.device)
     progress = not args.no_progress
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -143,7 +177,7 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M"), "iters_per_step": iters,
               "regime": args.regime,
               "overrides": args.overrides, "results": {}}
-    out_path = f"{args.out}/benchmark.json"
+    out_path = f"{args.work_dir}/benchmark.json"
 
     def earlier_results() -> dict:
         """The sections in OUT/benchmark.json now (other runs may write other sections)."""
@@ -157,7 +191,8 @@ def main(argv=None) -> int:
     for section in sections:
         if section == "throughput":
             cfg = load_config(preset("shapes_joint"), args.overrides)
-            r = training_cost.training_throughput(cfg, iters=10 if args.quick else 30)
+            r = training_cost.training_throughput(cfg, iters=10 if args.quick else 30,
+                                                  device=args.device or "cpu")
             print(f"[throughput] step-0 training: {r['images_per_second']:.1f} images/s "
                   f"(batch {r['batch_size']}, {r['threads']} threads)")
         elif section == "cost":
@@ -172,20 +207,19 @@ def main(argv=None) -> int:
                                            f"{v['seconds']:.2f}s" for k, v in r.items()))
             r["ratio_4n_to_n"] = r[4 * n]["seconds"] / r[n]["seconds"]
         elif section == "scale":  # COCO-size bookkeeping and memory.candidates_per_class
-            r = scale.section(args.out, load_config(preset("shapes_2step"), args.overrides),
+            r = scale.section(args.work_dir, load_config(preset("shapes_2step"), args.overrides),
                               iters, repeats=1 if args.quick else 2, progress=progress)
             print("\n".join(scale.summary(r)))
         elif section == "inference":
 
-            two = Path(args.out) / f"shapes_2step_{iters}"
-            ckpt = two / "incdet" / "step_1" / "checkpoint.pt"
-            if not ckpt.is_file():  # train the 2-step incdet model (the 2step section reuses it)
+            two = Path(args.work_dir) / f"shapes_2step_{iters}"
+            ckpt = two / "incdet_no_memory" / "step_1" / "checkpoint.pt"
+            if not ckpt.is_file():  # train the 2-step model (the 2step section reuses it)
                 cfg = load_config(preset("shapes_2step"),
                                   args.overrides + [f"train.max_iters={iters}"])
-                run_protocol(cfg, two, {"incdet": ["incremental.method=incdet",
-                                                   "memory.budget=0"]}, progress)
+                run_protocol(cfg, two, method_variants(["incdet_no_memory"]), progress)
             r = inference.inference_speed(ckpt, num_images=32 if args.quick else 100,
-                                          export_dir=Path(args.out) / "export")
+                                          export_dir=Path(args.work_dir) / "export")
             ips = r["images_per_second"]
             print("[inference] images/s, one image per call: " + ", ".join(
                 f"{k} {v:.1f}" for k, v in ips.items()))
@@ -223,7 +257,7 @@ def main(argv=None) -> int:
         elif section == "pretrained":
             cfg = load_config(preset("shapes_2step"),
                               args.overrides + [f"train.max_iters={iters}"])
-            r = pretrained.pretrained(cfg, f"{args.out}/pretrained_{iters}", PRETRAINED,
+            r = pretrained.pretrained(cfg, f"{args.work_dir}/pretrained_{iters}", PRETRAINED,
                                       progress, cost_iters=3 if args.quick else 10)
             print(f"[pretrained] step-0 AP trained {r['trained_step0_ap']:.4f}, imported "
                   f"{r['imported_ap']:.4f}")
@@ -235,7 +269,7 @@ def main(argv=None) -> int:
                   f"({c['branch_s']:.3f}s vs {c['incdet_s']:.3f}s, batch {c['batch_size']})")
         elif section == "merge":
             cfg = load_config(preset("shapes_2step"), args.overrides + budget)
-            r = merge_benchmark(cfg, f"{args.out}/merge_{budget_name}", progress)
+            r = merge_benchmark(cfg, f"{args.work_dir}/merge_{budget_name}", progress)
             c, k = r["consolidation"], r["compression"]
             print(f"[merge] consolidation: branch AP {c['branch_ap']:.3f}, merged "
                   f"{c['merged_ap']:.3f} ({c['ratio']:.3f} x), images/s "
@@ -262,15 +296,9 @@ def main(argv=None) -> int:
             name = PROTOCOLS[section]
             variants = {}
             for entry in methods:
-                # "NAME@key=value@..." : the variant NAME with extra overrides of its own
                 m, *extra = entry.split("@")
-                if m == "incdet_memory":  # with the exemplar memory (memory.budget of the config)
-                    variants[entry] = ["incremental.method=incdet"]
-                elif m == "incdet_pseudo":
-                    variants[entry] = ["incremental.method=incdet", "memory.budget=0",
-                                       "incremental.pseudo_labels=true"]
-                else:
-                    variants[entry] = [f"incremental.method={m}", "memory.budget=0"]
+                variants[entry] = method_variants([m])[m] + (
+                    ["memory.budget=0"] if m in NO_MEMORY else [])
                 if m == "joint":  # evaluated at half its budget too: how converged it is
                     half = total_iterations(load_config(preset(name),
                                                         args.overrides + budget)) // 2
@@ -289,12 +317,14 @@ def main(argv=None) -> int:
                     joint_ap = accuracy.read_joint_reference(
                         reference, cfg, list(classes.order), iterations=total_iterations(cfg))
                 # seed 0 keeps the folder of the runs made before --seeds existed
-                folder = f"{args.out}/{name}_{budget_name}" + (f"_seed{seed}" if seed else "")
+                folder = f"{args.work_dir}/{name}_{budget_name}" + (
+                    f"_seed{seed}" if seed else "")
                 r = accuracy.accuracy(cfg, folder, variants, progress)
                 if joint_ap is not None:
                     r = accuracy.with_joint_reference(r, joint_ap, reference)
                 per_seed[seed] = r
             r = accuracy.over_seeds(per_seed)
+            r["variants"] = variants  # what each name ran (and: the names are run_protocol's)
             r["config"] = preset(name)
             r["protocol"] = "disjoint" if cfg["data"]["disjoint_steps"] else "standard"
             for key, label in (("final_ap", "final AP (all classes)"),

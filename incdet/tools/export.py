@@ -18,19 +18,20 @@ import argparse
 from incdet.base.devices import resolve_device
 from incdet.base.errors import UserError
 from incdet.deploy.export import FORMATS, export
-from incdet.tools.cli import main_guard, setup_logging
+from incdet.tools.cli import add_device, main_guard, setup_logging
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="step_<t>/checkpoint.pt")
-    parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--out", required=True, help="output file (.pt / .onnx)")
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="torchscript (.pt), onnx (.onnx) or state_dict (a torchvision "
+                             "RetinaNet's weights, .pt)")
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help="output file (.pt / .onnx); OUT.json is written beside it")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
-    parser.add_argument("--device", default="auto",
-                        help="where a TorchScript export is checked against the eager model: "
-                             "auto (CUDA when available, else CPU), cpu, cuda, cuda:N; the file "
-                             "holds CPU weights either way (ONNX is checked on CPU)")
+    add_device(parser, "where a TorchScript export is checked against the eager model (the "
+               "file holds CPU weights either way; ONNX is checked on CPU)", default="auto")
     args = parser.parse_args(argv)
     setup_logging()
 

@@ -2,8 +2,9 @@
 
     python tools/hostcost.py [--config configs/shapes_2step.yaml] [--iters 5] [--threads 1]
 
-Runs the training loop on one fixed batch of an ``incdet`` step 1 (student and teacher) and
-prints the median seconds per iteration of each part as JSON (:mod:`incdet.bench.hostcost`).
+Runs the training loop on CPU (what it measures is the host side of an iteration: no --device)
+on one fixed batch of an ``incdet`` step 1 (student and teacher) and prints the median seconds
+per iteration of each part as JSON (:mod:`incdet.bench.hostcost`).
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from incdet.tools.cli import main_guard
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/shapes_2step.yaml")
+    parser.add_argument("--config", default="configs/shapes_2step.yaml",
+                        help="YAML config file (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE")
+                        metavar="KEY=VALUE", help="override a config value, e.g. train.amp=bf16")
     parser.add_argument("--iters", type=int, default=5, help="timed iterations")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: unchanged)")
     args = parser.parse_args(argv)
 

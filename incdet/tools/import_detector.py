@@ -17,7 +17,7 @@ from incdet.base.config import load_config
 from incdet.experiment import importer
 from incdet.model import torchvision as tv
 from incdet.model.torchvision import ARCHS, INCDET_ARCH
-from incdet.tools.cli import main_guard, setup_logging
+from incdet.tools.cli import add_device, device_overrides, main_guard, setup_logging
 
 
 def main(argv=None) -> int:
@@ -45,13 +45,15 @@ def main(argv=None) -> int:
                         "settings a state dict does not carry (model.min_size, model.max_size, "
                         "model.score_thresh, ...: torchvision's defaults otherwise)")
     parser.add_argument("--force", action="store_true", help="replace an existing step 0")
+    add_device(parser, "where the imported detector is evaluated (with --config); sets "
+               "train.device, saved in its config.yaml")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.state_dict and (args.arch is None or args.classes is None):
         parser.error("--state-dict needs --arch and --classes")
     setup_logging()
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + device_overrides(args.device))
     if args.weights:
         model, slots, _ = tv.torchvision_from_weights(args.weights)
         source = args.weights

@@ -1,12 +1,12 @@
 """Run a detector on images: COCO-results JSON and PNG copies with the detections drawn.
 
-    python tools/infer.py --checkpoint runs/exp/step_1/checkpoint.pt --images photos/ --out out/
-    python tools/infer.py --model det.onnx --images a.png b.png --out out/
+    python tools/infer.py --checkpoint runs/exp/step_1/checkpoint.pt --images photos/ --out-dir out/
+    python tools/infer.py --model det.onnx --images a.png b.png --out-dir out/
 
 --checkpoint runs the eager torchvision model; --model runs an exported file (TorchScript .pt
-or ONNX .onnx, with its .json metadata beside it). Writes OUT/detections.json (a list of
+or ONNX .onnx, with its .json metadata beside it). Writes OUT_DIR/detections.json (a list of
 {"image_id", "file_name", "category_id", "category_name", "bbox" [x, y, w, h], "score"}; image ids
-number the inputs from 1 in the order processed) and OUT/<image name>.png with boxes and class
+number the inputs from 1 in the order processed) and OUT_DIR/<image name>.png with boxes and class
 names drawn.
 """
 from __future__ import annotations
@@ -20,13 +20,10 @@ from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from incdet.base.devices import resolve_device
-from incdet.base.errors import UserError
-from incdet.base.io import atomic_write_json
+from incdet.base.io import IMAGE_SUFFIXES, atomic_write_json, image_files
 from incdet.data.dataset import read_image, to_tensor
 from incdet.deploy.export import Runner
-from incdet.tools.cli import main_guard, setup_logging
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+from incdet.tools.cli import add_device, add_renamed, main_guard, setup_logging
 
 
 def main(argv=None) -> int:
@@ -34,36 +31,27 @@ def main(argv=None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="an incdet step checkpoint (eager PyTorch)")
     source.add_argument("--model", help="an exported model file (.pt TorchScript or .onnx)")
-    parser.add_argument("--images", nargs="+", required=True, help="image files or folders")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--images", nargs="+", required=True, metavar="PATH",
+                        help="image files, or folders of images (" + ", ".join(IMAGE_SUFFIXES)
+                        + ")")
+    add_renamed(parser, "--out-dir", "--out", required=True, metavar="DIR",
+                help="output folder (detections.json and the drawings)")
     parser.add_argument("--score-thresh", type=float, default=None,
                         help="keep detections at or above this score (default: the model's)")
     parser.add_argument("--no-draw", action="store_true", help="write the JSON only")
-    parser.add_argument("--device", default="auto",
-                        help="where a checkpoint or TorchScript model runs (ONNX: on CPU): auto "
-                             "(CUDA when available, else CPU), cpu, cuda, cuda:N")
-    parser.add_argument("--no-progress", action="store_true")
+    add_device(parser, "where a checkpoint or TorchScript model runs (ONNX: on CPU)",
+               default="auto")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     setup_logging()
 
-    files = []
-    for item in args.images:
-        p = Path(item)
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise UserError(f"{p}: no such image file or folder")
-    if not files:
-        raise UserError(f"{', '.join(args.images)}: no images found "
-                        f"(looked for {', '.join(IMAGE_SUFFIXES)})")
+    files = image_files(args.images)
     device = resolve_device(args.device, "--device")
     runner = Runner(checkpoint=args.checkpoint, model=args.model, device=device)
     meta = runner.meta
     thresh = meta["score_thresh"] if args.score_thresh is None else args.score_thresh
     names = dict(zip(meta["category_ids"], meta["names"]))
-    out = Path(args.out)
+    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for index, path in enumerate(tqdm(files, desc=f"detecting ({runner.backend})",

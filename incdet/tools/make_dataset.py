@@ -1,9 +1,9 @@
 """Generate the built-in shapes dataset (COCO format) at a folder, or a COCO-size annotation file.
 
-    python tools/make_dataset.py --out data/shapes [--train 2000 --val 300 --size 128 --seed 0]
-    python tools/make_dataset.py --out data/coco_like --coco-like [--train 118287 --seed 0]
+    python tools/make_dataset.py --out-dir data/shapes [--train 2000 --val 300 --size 128]
+    python tools/make_dataset.py --out-dir data/coco_like --coco-like [--train 118287 --seed 0]
 
-``--coco-like`` writes only ``OUT/annotations/instances_train2017.json`` (no images): COCO's
+``--coco-like`` writes only ``OUT_DIR/annotations/instances_train2017.json`` (no images): COCO's
 size, category ids and box statistics, for measuring bookkeeping (``incdet.data.coco_like``).
 """
 from __future__ import annotations
@@ -12,17 +12,18 @@ import argparse
 from pathlib import Path
 
 from incdet.data import coco_like, synthetic
-from incdet.tools.cli import main_guard
+from incdet.tools.cli import add_renamed, main_guard
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
+    add_renamed(parser, "--out-dir", "--out", required=True, metavar="DIR",
+                help="the dataset's folder (images/ and annotations/ are written into it)")
     parser.add_argument("--train", type=int, default=None,
                         help="training images (default 2000; --coco-like: 118287)")
     parser.add_argument("--val", type=int, default=300, help="validation images")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the generator")
     parser.add_argument("--coco-like", action="store_true",
                         help="write a COCO-size annotation file without images instead")
     args = parser.parse_args(argv)
@@ -30,12 +31,12 @@ def main(argv=None) -> int:
     if args.coco_like:
         num = coco_like.COCO_TRAIN_IMAGES if args.train is None else args.train
         path = coco_like.write_coco_like(
-            Path(args.out) / "annotations" / "instances_train2017.json", num_images=num,
+            Path(args.out_dir) / "annotations" / "instances_train2017.json", num_images=num,
             seed=args.seed)
         print(f"wrote a COCO-like annotation file of {num} images to {path}")
         return 0
     num = 2000 if args.train is None else args.train
-    root = synthetic.generate(args.out, num, args.val, args.size, args.seed)
+    root = synthetic.generate(args.out_dir, num, args.val, args.size, args.seed)
     print(f"wrote {num} + {args.val} images to {root}")
     return 0
 

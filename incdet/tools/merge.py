@@ -16,8 +16,9 @@ import argparse
 from pathlib import Path
 
 from incdet.base.config import load_config
-from incdet.experiment.merge import merge
-from incdet.tools.cli import main_guard, setup_logging
+from incdet.base.io import IMAGE_SUFFIXES
+from incdet.experiment.merge import OVERLAP_RULES, merge
+from incdet.tools.cli import add_device, device_overrides, main_guard, setup_logging
 
 
 def main(argv=None) -> int:
@@ -28,10 +29,11 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=None,
                         help="the student's config: layout, training settings, data and the "
                              "merge section (default: the first teacher's config.yaml)")
-    parser.add_argument("--images", default=None,
-                        help="transfer set: a folder of images (default: the config's training "
+    parser.add_argument("--images", default=None, metavar="FOLDER",
+                        help="transfer set: a folder of images, no labels needed ("
+                             + ", ".join(IMAGE_SUFFIXES) + "; default: the config's training "
                              "data)")
-    parser.add_argument("--overlap", choices=("error", "first", "mean"), default=None,
+    parser.add_argument("--overlap", choices=OVERLAP_RULES, default=None,
                         help="a class several teachers know: error (default), first or mean")
     parser.add_argument("--no-labels", action="store_true",
                         help="ignore the transfer set's boxes (pure distillation)")
@@ -39,12 +41,13 @@ def main(argv=None) -> int:
                         metavar="KEY=VALUE", help="override a config value, e.g. merge.iters=500")
     parser.add_argument("--no-eval", action="store_true", help="do not evaluate the result")
     parser.add_argument("--force", action="store_true", help="overwrite an existing result")
+    add_device(parser, "where to train and evaluate the student; sets train.device")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     setup_logging()
 
     config = args.config or _teacher_config(args.teacher[0])
-    overrides = list(args.overrides)
+    overrides = list(args.overrides) + device_overrides(args.device)
     if args.overlap:
         overrides.append(f"merge.overlap={args.overlap}")
     if args.no_labels:

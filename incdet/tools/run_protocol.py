@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 
 from incdet.base.config import load_config
-from incdet.base.errors import UserError
 from incdet.experiment.loaders import load_experiment
-from incdet.experiment.methods import METHODS
-from incdet.experiment.protocol import method_variants, run_protocol, with_step0
+from incdet.experiment.protocol import VARIANTS, method_variants, run_protocol, with_step0
 from incdet.experiment.report import table, write_report
-from incdet.tools.cli import main_guard, setup_logging
+from incdet.tools.cli import add_device, device_overrides, main_guard, setup_logging
 
 
 def main(argv=None) -> int:
@@ -27,8 +25,10 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--work-dir", required=True, help="experiment folder")
     parser.add_argument("--methods", default="incdet,finetune,joint",
-                        help="comma-separated: incdet, finetune, joint, branch "
-                             "(default: incdet,finetune,joint)")
+                        help="comma-separated, from: " + ", ".join(VARIANTS) + " (incdet with "
+                             "the config's exemplar memory; incdet_no_memory without it; "
+                             "incdet_pseudo without it, with the teacher's pseudo-labels; "
+                             "default: %(default)s)")
     parser.add_argument("--step0", metavar="DIR",
                         help="a finished step_0 folder every method starts from (e.g. one "
                              "written by tools/import_detector.py) instead of training step 0; "
@@ -40,19 +40,16 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="train every step again, also those already complete (without it, "
                              "a completed step of another config is an error)")
+    add_device(parser, "where to train; sets train.device of every method")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     setup_logging()
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise UserError(f"--methods: {','.join(unknown) or '(empty)'} not among "
-                        f"{', '.join(METHODS)}")
-    cfg = load_config(args.config, args.overrides)
+    variants = method_variants([m.strip() for m in args.methods.split(",") if m.strip()])
+    cfg = load_config(args.config, args.overrides + device_overrides(args.device))
     progress = not args.no_progress
-    results = run_protocol(cfg, args.work_dir, method_variants(methods), progress=progress,
-                           step0=args.step0, force=args.force)
+    results = run_protocol(cfg, args.work_dir, variants, progress=progress, step0=args.step0,
+                           force=args.force)
     if args.step0:
         cfg = with_step0(cfg, args.step0)
     _, val_set, classes = load_experiment(cfg, progress=False)

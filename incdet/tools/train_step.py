@@ -8,7 +8,7 @@ import argparse
 
 from incdet.base.config import load_config
 from incdet.experiment.step import run_step
-from incdet.tools.cli import main_guard, setup_logging
+from incdet.tools.cli import add_device, device_overrides, main_guard, setup_logging
 
 
 def main(argv=None) -> int:
@@ -20,11 +20,12 @@ def main(argv=None) -> int:
                         metavar="KEY=VALUE", help="override a config value, e.g. train.max_iters=5")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted step")
     parser.add_argument("--force", action="store_true", help="retrain a completed step")
+    add_device(parser, "where to train; sets train.device")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     setup_logging()
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + device_overrides(args.device))
     run_step(cfg, args.step, args.work_dir, resume=args.resume, force=args.force,
              progress=not args.no_progress)
     return 0
