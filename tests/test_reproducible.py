@@ -38,14 +38,36 @@ def _train_two_steps(config, work, *extra):
     return [_weights_digest(work / f"step_{t}" / "checkpoint.pt") for t in (0, 1)]
 
 
+# what a step's metrics.json and log.jsonl hold that depends on the machine's load, not on the run
+TIMING = ("seconds", "images_per_second")
+
+
+def _outcome(work) -> list:
+    """Everything else a run leaves, per step: metrics.json without its timing, the memory file's
+    bytes, and every loss figure of log.jsonl."""
+    out = []
+    for t in (0, 1):
+        step = work / f"step_{t}"
+        metrics = json.loads((step / "metrics.json").read_text())
+        metrics["train"] = {k: v for k, v in metrics["train"].items() if k not in TIMING}
+        log = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+               for line in (step / "log.jsonl").read_text().splitlines()]
+        out.append((metrics, (step / "memory.json").read_bytes(), log))
+    return out
+
+
 def test_two_processes_train_the_same_weights(tiny_config, tmp_path):
     """Augmentation on, bf16 autocast (whose P7 gradient on 1-px maps was garbage), distillation
-    and memory replay at step 1, train.deterministic on: both runs end on identical weights."""
+    and memory replay at step 1, train.deterministic on: both runs end on identical weights
+    (every tensor's bytes), metrics, memories and logged losses."""
     a = _train_two_steps(tiny_config, tmp_path / "a", "--set", "train.deterministic=true")
     b = _train_two_steps(tiny_config, tmp_path / "b", "--set", "train.deterministic=true")
     assert a == b
-    metrics = json.loads((tmp_path / "a" / "step_1" / "metrics.json").read_text())
+    first, second = _outcome(tmp_path / "a"), _outcome(tmp_path / "b")
+    assert first == second
+    metrics = first[1][0]
     assert metrics["train"]["deterministic"] is True
+    assert metrics["memory"]["replayed_from_previous"] > 0
     # another seed moves the weights: the digest sees training, not only the initialisation
     c = _train_two_steps(tiny_config, tmp_path / "c", "--set", "train.seed=7")
     assert c[0] != a[0]
