@@ -284,3 +284,20 @@ def test_protocol_runner_starts_every_method_from_the_imported_step(tmp_path, ti
     with pytest.raises(UserError, match="not a finished step_0 folder"):
         run_protocol(cfg, tmp_path / "q", method_variants(["branch"]), progress=False,
                      step0=tmp_path / "w")
+
+
+def test_an_imported_detector_exports_as_a_state_dict_that_loads_back(tmp_path, tiny_dataset):
+    """Its norms are frozen and its config names no weights file: the state dict holds every
+    weight, so rebuilding it for export (and for import --arch incdet) needs none."""
+    from incdet.deploy.export import export
+
+    stock, _, _ = _small_imported(tmp_path, tiny_dataset)
+    meta = export(tmp_path / "w" / "step_0" / "checkpoint.pt", "state_dict", tmp_path / "d.pt",
+                  device="cpu")
+    cfg = load_config(tmp_path / "w" / "step_0" / "config.yaml")
+    rebuilt = tv.load_torchvision(tmp_path / "d.pt", tv.INCDET_ARCH, "d.pt", cfg["model"])
+    image = torch.rand(3, 64, 64)
+    with torch.no_grad():
+        a, b = stock.eval()([image])[0], rebuilt([image])[0]
+    assert meta["format"] == "state_dict" and torch.allclose(a["boxes"], b["boxes"], atol=1e-3)
+    assert torch.allclose(a["scores"], b["scores"], atol=1e-4)

@@ -508,7 +508,9 @@ def load_torchvision(path: str | Path, arch: str, source: str,
     state = load_state_dict_file(Path(path), source)
     anchors, slots = _num_anchors_and_slots(state, source)
     if arch == INCDET_ARCH:
-        model = to_torchvision(build_model(dict(model_cfg or {}, weights=None), [slots]))
+        # the file holds every weight: frozen norms need no ImageNet file to be built
+        model = to_torchvision(build_model(dict(model_cfg or {}, weights=None), [slots],
+                                           from_checkpoint=True))
     else:
         model = build_torchvision(arch, slots)
     expected = model.head.classification_head.num_anchors
