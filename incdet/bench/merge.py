@@ -11,7 +11,8 @@ run (``iters_per_class`` per class a step adds; every merge trains for one step'
    images (their B boxes); the same for the ``branch_from: backbone`` model;
 4. **merging** teacher A (the step-0 detector) and teacher B using only B's images, with their
    B boxes, and again with every box removed (pure distillation);
-5. **compression**: the ``joint`` model (10 classes) into a smaller student (``STUDENT``) on the
+5. **compression**: the ``joint`` model (10 classes) into a smaller student (``STUDENT``; with
+   ImageNet weights, ``STUDENT_PRETRAINED``: the same backbone and weights) on the
    training images, for as many iterations as the teacher was trained (the joint step, from
    scratch), against the same student trained on the labels alone for as many iterations;
 6. images/s at inference of the models compared, measured side by side (rounds alternate).
@@ -41,6 +42,9 @@ from incdet.experiment.step import run_step
 # on CPU the cost follows the number of layers more than their width), a narrower FPN, one conv
 # per head tower
 STUDENT = ["model.backbone=mobilenet_v3_small", "model.fpn_channels=32", "model.head_convs=1"]
+# the pretrained regime's student keeps the teacher's ImageNet backbone (the one file of weights
+# to be had: torchvision's MobileNetV2) and is smaller in the layers trained from scratch
+STUDENT_PRETRAINED = ["model.fpn_channels=32", "model.head_convs=1"]
 VARIANTS = {"branch": ["incremental.method=branch", "memory.budget=0"],
             "branch_fpn": ["incremental.method=branch", "incremental.branch_from=fpn",
                            "memory.budget=0"],
@@ -104,7 +108,8 @@ def merge_benchmark(cfg: dict, work_dir: str | Path, progress: bool = True,
     # as many iterations as the teacher had (joint trains its last step from scratch)
     teacher_iters = int(runs["joint"][-1]["train"]["iterations"])
     small = copy.deepcopy(cfg)
-    apply_overrides(small, STUDENT + ["memory.budget=0", "incremental.method=incdet"])
+    student = STUDENT_PRETRAINED if cfg["model"].get("weights") else STUDENT
+    apply_overrides(small, student + ["memory.budget=0", "incremental.method=incdet"])
     distil_cfg = copy.deepcopy(small)
     apply_overrides(distil_cfg, [f"merge.iters={teacher_iters}", "merge.transfer_step=null"])
     compressed = _merged([protocol / "joint" / "step_1"], work / "compressed", distil_cfg,
@@ -152,7 +157,7 @@ def merge_benchmark(cfg: dict, work_dir: str | Path, progress: bool = True,
             "teacher_images_per_second": speed["joint"],
             "student_images_per_second": speed["compressed"],
             "speedup": speed["compressed"] / speed["joint"],
-            "student": STUDENT, "iterations": teacher_iters,
+            "student": student, "iterations": teacher_iters,
         },
         "consolidation_backbone": {
             "branch_ap": ap(runs["branch_backbone"][1]), "merged_ap": ap(consolidated_bb),
