@@ -48,7 +48,6 @@ from incdet.experiment import merge as _merge
 from incdet.experiment import protocol as _protocol
 from incdet.experiment import step as _step
 from incdet.experiment.evaluate import evaluate_checkpoint
-from incdet.model import torchvision as _tv
 
 __all__ = ["import_detector", "run_step", "run_protocol", "evaluate", "merge", "export",
            "load_config", "load_detector", "Detector", "__version__"]
@@ -79,22 +78,7 @@ def import_detector(detector, work_dir: PathLike, classes=None, config: PathLike
     ``config``: the experiment's data and training settings; with one, the detector is evaluated
     on its validation set."""
     cfg = load_config(config, overrides)
-    if isinstance(detector, (str, os.PathLike)) and arch is None:
-        model, slots, _ = _tv.torchvision_from_weights(str(detector))
-        source = str(detector)
-    elif isinstance(detector, (str, os.PathLike)):
-        model = _tv.load_torchvision(detector, arch, str(detector), cfg["model"])
-        source, slots = str(detector), None
-    else:
-        model, source, slots = detector, type(detector).__name__, None
-    if classes is not None:
-        listed = _tv.read_classes(classes) if isinstance(classes, (str, os.PathLike)) \
-            else classes
-        slots = _tv.slot_classes(model.head.classification_head.num_classes, listed,
-                                 str(classes) if isinstance(classes, (str, os.PathLike))
-                                 else "classes")
-    if slots is None:
-        raise ValueError("import_detector: give classes (one {id, name} per output slot)")
+    model, slots, source = _importer.detector_and_slots(detector, arch, classes, cfg["model"])
     return _importer.import_detector(model, slots, cfg, work_dir, source,
                                      evaluate=config is not None, force=force,
                                      progress=progress, overrides=list(overrides))

@@ -144,11 +144,7 @@ def category_changes(dcfg: dict, known: list[dict] | None) -> dict[str, dict[int
     if dcfg["format"] != "coco":
         return {}
     files = [(str(p), file_categories(p)) for p in annotation_files(dcfg) if p.is_file()]
-    changes = assign_category_ids(files, known, dcfg.get("category_ids", "auto"))
-    for source, change in changes.items():
-        log.info("%s: category ids %s (data.category_ids)", source,
-                 ", ".join(f"{a} -> {b}" for a, b in sorted(change.items())))
-    return changes
+    return assign_category_ids(files, known, dcfg.get("category_ids", "auto"))
 
 
 def data_record(dcfg: dict, known: list[dict] | None) -> dict:
@@ -223,7 +219,8 @@ def ensure_builtin(dcfg: dict, progress: bool = True) -> None:
 
 def load_subset(dcfg: dict, subset: str,
                 changes: dict[str, dict[int, int]] | None = None) -> Subset:
-    """``subset`` is ``train`` or ``val``; ``changes``: :func:`category_changes`."""
+    """``subset`` is ``train`` or ``val``; ``changes``: :func:`category_changes` (logged here,
+    where they are applied)."""
     root = Path(dcfg["root"])
     check_choice("data.format", dcfg["format"], ("coco", "voc"))
     parts = subset_parts(dcfg, subset)
@@ -239,7 +236,11 @@ def load_subset(dcfg: dict, subset: str,
             ann = root / part["annotations"]
             cats, recs, _ = load_coco(ann, root / part["images"])
             _CATEGORIES[_file_key(ann)] = cats
-            cats, recs = _remap(cats, recs, (changes or {}).get(str(ann), {}))
+            change = (changes or {}).get(str(ann), {})
+            if change:
+                log.info("%s: category ids %s (data.category_ids)", ann,
+                         ", ".join(f"{a} -> {b}" for a, b in sorted(change.items())))
+            cats, recs = _remap(cats, recs, change)
             for c in cats:
                 if by_id.setdefault(c["id"], c)["name"] != c["name"]:
                     raise UserError(f"{ann}: category id {c['id']} is {c['name']!r} there but "

@@ -89,9 +89,9 @@ def _precision(coco_gt, results: list[dict], class_ids: list[int],
         runs.setdefault(tuple(class_images[c]) if class_images else (), []).append(c)
     out = None
     for images, cats in runs.items():
-        wanted = set(cats)
+        wanted, shown = set(cats), set(images)
         own = [r for r in results if r["category_id"] in wanted and
-               (not images or r["image_id"] in set(images))]
+               (not images or r["image_id"] in shown)]
         if not own:  # nothing detected: precision 0 where there is ground truth
             continue
         with contextlib.redirect_stdout(io.StringIO()):
@@ -150,15 +150,14 @@ def evaluate_model(model, records: Sequence[ImageRecord], categories: Sequence[d
     """Predict on ``records`` and evaluate the model's classes (``order``) by group."""
     results = predict(model, records, order, batch_size, device, num_workers, progress)
     gt = to_coco_dict(records, categories)
-    files = sorted({r.annotated_by.file for r in records if r.annotated_by is not None})
-    if not files:
+    marks = {r.annotated_by for r in records if r.annotated_by is not None}  # one per file
+    if not marks:
         return coco_evaluate(gt, results, order, groups)
     class_images = {int(c): [r.id for r in records if r.annotated_by is None or
                              int(c) in r.annotated_by.classes] for c in order}
     out = coco_evaluate(gt, results, order, groups, class_images)
-    out["evaluated_on"] = {str(c): [f for f in files if any(
-        r.annotated_by is not None and r.annotated_by.file == f and int(c) in
-        r.annotated_by.classes for r in records)] for c in order}
+    out["evaluated_on"] = {str(c): sorted(m.file for m in marks if int(c) in m.classes)
+                           for c in order}
     return out
 
 

@@ -40,6 +40,7 @@ from incdet.base.errors import UserError
 from incdet.evaluation.coco_eval import METRIC_KEYS, evaluate_model, format_table
 from incdet.experiment.loaders import load_experiment
 from incdet.experiment.step_folder import completed, write_step
+from incdet.model import torchvision as tv
 from incdet.model.checkpoint import model_of
 from incdet.model.torchvision import import_model
 
@@ -70,6 +71,31 @@ def import_recipe(cfg: dict) -> dict:
                 cfg[section][key] = value
                 changed[f"{section}.{key}"] = value
     return changed
+
+
+def detector_and_slots(detector, arch: str | None, classes, model_cfg: dict):
+    """``(model, slots, source)`` of what a user gives to import: a torchvision weights name
+    (``arch`` None; it brings its classes), a state-dict file with its layout ``arch``, or a
+    ``RetinaNet``; ``classes`` (one ``{id, name}`` per output slot, or a JSON / COCO file of
+    them) replaces the weights' classes. The import tool and :func:`incdet.import_detector`
+    both read their input here."""
+    slots = None
+    if isinstance(detector, RetinaNet):
+        model, source = detector, type(detector).__name__
+    elif arch is None:
+        model, slots, _ = tv.torchvision_from_weights(str(detector))
+        source = str(detector)
+    else:
+        model, source = tv.load_torchvision(detector, arch, str(detector), model_cfg), \
+            str(detector)
+    if classes is not None:
+        from_file = isinstance(classes, (str, Path))
+        slots = tv.slot_classes(model.head.classification_head.num_classes,
+                                tv.read_classes(classes) if from_file else classes,
+                                str(classes) if from_file else "classes")
+    if slots is None:
+        raise UserError(f"{source}: give its classes, one {{id, name}} per output slot")
+    return model, slots, source
 
 
 def import_detector(model: RetinaNet, slots: Sequence[dict | None], cfg: dict,

@@ -15,7 +15,6 @@ import argparse
 
 from incdet.base.config import load_config
 from incdet.experiment import importer
-from incdet.model import torchvision as tv
 from incdet.model.torchvision import ARCHS, INCDET_ARCH
 from incdet.tools.cli import add_device, device_overrides, main_guard, setup_logging
 
@@ -54,16 +53,9 @@ def main(argv=None) -> int:
     setup_logging()
 
     cfg = load_config(args.config, args.overrides + device_overrides(args.device))
-    if args.weights:
-        model, slots, _ = tv.torchvision_from_weights(args.weights)
-        source = args.weights
-    else:
-        model = tv.load_torchvision(args.state_dict, args.arch, args.state_dict,
-                                    cfg["model"])
-        source = args.state_dict
-    if args.classes:
-        slots = tv.slot_classes(model.head.classification_head.num_classes,
-                                tv.read_classes(args.classes), args.classes)
+    model, slots, source = importer.detector_and_slots(
+        args.weights or args.state_dict, None if args.weights else args.arch, args.classes,
+        cfg["model"])
     metrics = importer.import_detector(model, slots, cfg, args.work_dir, source,
                                        evaluate=args.config is not None, force=args.force,
                                        progress=not args.no_progress, overrides=args.overrides)
