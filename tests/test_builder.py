@@ -45,9 +45,14 @@ def test_weights_errors_are_clear(tmp_path, monkeypatch):
         build_model(dict(SMALL, weights=str(tmp_path / "missing.pth")), [2])
     with pytest.raises(UserError, match="neither a file nor a torchvision weights name"):
         build_model(dict(SMALL, weights="NoSuchWeights.V1"), [2])
-    with pytest.raises(UserError, match="not in the local torch cache"):
+    with pytest.raises(UserError, match="not in the local torch cache") as err:
         build_model(dict(SMALL, backbone="resnet18", weights="ResNet18_Weights.IMAGENET1K_V1"),
                     [2])
+    assert "make weights" not in str(err.value)  # fetch_weights cannot get this one
+    # the file fetch_weights can get: the message says how
+    with pytest.raises(UserError, match=r"not in the local torch cache.*run `make weights`"):
+        build_model(dict(SMALL, backbone="mobilenet_v2", reduced_tail=False,
+                         weights="MobileNet_V2_Weights.IMAGENET1K_V1"), [2])
 
 
 def test_weights_from_a_file_are_loaded_and_norm_frozen(tmp_path):

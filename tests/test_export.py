@@ -220,7 +220,12 @@ def test_state_dict_export_is_what_a_torchvision_user_loads_and_imports(grown_ch
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in state.items())
     ckpt = load_checkpoint(grown_checkpoint)
     cfg = with_defaults(ckpt["config"])
-    rebuilt = load_torchvision(out, "incdet", str(out), cfg["model"])
+    # OUT.json names the architecture --arch incdet rebuilds; other settings are refused with it
+    assert meta["model"] == {k: v for k, v in cfg["model"].items() if k != "weights"}
+    other = dict(cfg["model"], backbone="mobilenet_v2", reduced_tail=False)
+    with pytest.raises(UserError, match=r'does not fit incdet: .*OUT.json, under "model"'):
+        load_torchvision(out, "incdet", str(out), other)
+    rebuilt = load_torchvision(out, "incdet", str(out), meta["model"])
     slots = slot_classes(10, read_classes(tmp_path / "det_state.pt.json"), "det_state.pt.json")
     assert [s["id"] for s in slots] == meta["category_ids"]
     import_detector(rebuilt, slots, cfg, tmp_path / "imported", str(out), progress=False)

@@ -134,6 +134,10 @@ def export(ckpt_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
         if tmp.exists():
             tmp.unlink()
     meta["checked_images"] = [list(img.shape[1:]) for img in images]
+    if fmt == "state_dict":
+        # what `import_detector --arch incdet` needs in the config's model section to rebuild it
+        meta["model"] = {k: v for k, v in with_defaults(model.incdet_config)["model"].items()
+                         if k != "weights"}
     atomic_write_json(out.with_name(out.name + ".json"), meta)
     return meta
 

@@ -41,6 +41,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from incdet.base.devices import host_to_device
 from incdet.base.errors import UserError, check_choice
+from incdet.model import fetch
 from incdet.model.heads import IncrementalHead, norm_layer_for
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large",
@@ -152,7 +153,11 @@ def resolve_weights(spec: str | None) -> dict | None:
         except (ValueError, KeyError, AttributeError):
             raise UserError(f"model.weights: {spec!r} is neither a file nor a torchvision weights "
                             "name such as 'ResNet50_Weights.IMAGENET1K_V1'") from None
-        path = cached_weights_file(weights, "model.weights", "set model.weights to a path")
+        fetchable = str(spec) in fetch.KNOWN  # tools/fetch_weights.py knows where to get it
+        path = cached_weights_file(weights, "model.weights",
+                                   "run `make weights` (python tools/fetch_weights.py) or set "
+                                   "model.weights to a path" if fetchable else
+                                   "set model.weights to a path")
     return load_state_dict_file(path, "model.weights")
 
 

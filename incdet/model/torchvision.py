@@ -262,7 +262,13 @@ def freeze_batch_norms(module: nn.Module) -> None:
 def _not_expressible(what: str) -> UserError:
     return UserError(f"this RetinaNet cannot be imported: {what}. incdet expresses torchvision's "
                      "retinanet_resnet50_fpn / _v2 layouts with resnet18/34/50 (FPN on C3-C5) "
-                     "or incdet's mobilenet_v3_large FPN")
+                     "or incdet's mobilenet_v2 / mobilenet_v3_large / _small FPNs")
+
+
+# the MobileNet bodies incdet builds (backbone, reduced_tail), each at width 1
+MOBILENET_SHAPES = (("mobilenet_v3_large", False), ("mobilenet_v3_large", True),
+                    ("mobilenet_v2", False), ("mobilenet_v3_small", False),
+                    ("mobilenet_v3_small", True))
 
 
 def _backbone_settings(backbone: nn.Module) -> dict:
@@ -280,20 +286,19 @@ def _backbone_settings(backbone: nn.Module) -> dict:
             raise _not_expressible(f"its FPN reads {sorted(returned)}, not layer2-layer4")
         settings = {"backbone": name}
     else:
-        ref = None
-        for tail in (False, True):
-            mcfg = dict(DEFAULTS["model"], backbone="mobilenet_v3_large", width_mult=1.0,
-                        reduced_tail=tail, fpn_channels=backbone.out_channels)
+        settings = None
+        for name, tail in MOBILENET_SHAPES:
+            mcfg = dict(DEFAULTS["model"], backbone=name, width_mult=1.0, reduced_tail=tail,
+                        fpn_channels=backbone.out_channels)
             candidate = build_backbone(mcfg)
             if candidate.body.return_layers == returned and \
                     _shapes(candidate.body) == _shapes(body):
-                ref = tail
+                settings = {"backbone": name, "width_mult": 1.0, "reduced_tail": tail}
                 break
-        if ref is None:
-            raise _not_expressible("its backbone is neither a ResNet nor a mobilenet_v3_large "
-                                   "whose FPN reads incdet's three stages (torchvision's "
+        if settings is None:
+            raise _not_expressible("its backbone is neither a ResNet nor one of incdet's "
+                                   "MobileNet FPNs on three stages (torchvision's "
                                    "mobilenet_backbone reads two)")
-        settings = {"backbone": "mobilenet_v3_large", "width_mult": 1.0, "reduced_tail": ref}
     fpn = backbone.fpn
     if len(fpn.inner_blocks) != 3:
         raise _not_expressible(f"its FPN has {len(fpn.inner_blocks)} inputs, not 3")
@@ -532,8 +537,10 @@ def load_torchvision(path: str | Path, arch: str, source: str,
             parts.append(f"{len(missing)} keys missing (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        raise UserError(f"{source}: does not fit {arch}: {'; '.join(parts)}; give the --arch "
-                        "the detector was built with")
+        fix = ("the config's model settings must be the detector's (an incdet export lists "
+               "them in its OUT.json, under \"model\")") if arch == INCDET_ARCH else \
+            "give the --arch the detector was built with"
+        raise UserError(f"{source}: does not fit {arch}: {'; '.join(parts)}; {fix}")
     model.load_state_dict(state)
     return model.eval()
 
