@@ -69,3 +69,39 @@ def test_distillation_on_the_masks_indices_equals_the_masks(form):
     assert torch.equal(values[0], values[1]) and torch.equal(grads[0], grads[1])
     empty = torch.zeros(3, 20, dtype=torch.bool)
     assert cls_distillation(t, t, empty.nonzero(as_tuple=True), form) == 0
+
+
+@pytest.mark.parametrize("who", ["labels", "teacher"])
+def test_labelled_anchors_decide_who_trains_the_old_classes_on_objects(
+        tiny_config, monkeypatch, who):
+    """incremental.labelled_anchors: with ``labels`` no anchor matched to an annotated box is
+    distilled (its label trains every class there); with ``teacher`` they are (anchors: all)."""
+    from incdet.base.config import load_config
+    from incdet.experiment import methods
+    from incdet.experiment.loaders import new_class_batch
+    from incdet.train import distill
+    from incdet.train.losses import match_anchors
+
+    cfg = load_config(tiny_config, ["model.fpn_channels=8", "incremental.anchors=all",
+                                    f"incremental.labelled_anchors={who}"])
+    classes, sc, plan, images, targets = new_class_batch(cfg, 2)
+    previous = {"model": methods.build_model(cfg["model"], [len(sc.old)]).state_dict(),
+                "head_layout": [len(sc.old)]}
+    student = methods.build_student(cfg, sc, plan, previous)
+    criterion = methods.make_criterion(cfg, student, methods.build_teacher(cfg, previous), plan,
+                                       classes, sc)
+    assert criterion.detection.objects_negative_for_all is (who == "labels")
+    distilled = []
+    real = distill.cls_distillation
+    monkeypatch.setattr(distill, "cls_distillation",
+                        lambda s, t, where, *a: distilled.append(where) or real(s, t, where, *a))
+    losses = criterion(list(images), list(targets))
+    assert torch.isfinite(sum(losses.values()))
+    _, anchors, targets_t, _ = methods.forward_train(student, list(images), list(targets))
+    matched = match_anchors(student.proposal_matcher, anchors, targets_t)
+    on_objects = matched[distilled[0]] >= 0
+    assert int((matched >= 0).sum()) > 0
+    if who == "labels":
+        assert not on_objects.any() and len(distilled[0][0]) == int((matched < 0).sum())
+    else:
+        assert len(distilled[0][0]) == matched.numel()  # every anchor, objects included

@@ -28,6 +28,23 @@ def test_no_background_gradient_outside_label_space():
     assert torch.all(g[1] != 0)
 
 
+def test_objects_are_negatives_of_every_other_class_when_the_labels_decide():
+    """incremental.labelled_anchors: labels. On an anchor matched to a box, the classes outside
+    the image's label space learn background too; elsewhere they still get no gradient."""
+    from torchvision.ops import sigmoid_focal_loss
+
+    logits, targets, matched = _setup()
+    masked_focal_loss(logits, targets, matched, objects_negative_for_all=True).backward()
+    g = logits.grad
+    assert torch.all(g[0, [0, 5], :2] != 0)  # anchors 0 and 5 are on the class-2 box
+    assert torch.all(g[0, [1, 2, 3, 4], :2] == 0)  # background and ignored anchors: as before
+    # the value: the masked loss plus the focal background terms of classes 0, 1 on anchors 0, 5
+    base = masked_focal_loss(logits, targets, matched)
+    extra = sigmoid_focal_loss(logits[0, [0, 5], :2], torch.zeros(2, 2), reduction="sum")
+    got = masked_focal_loss(logits, targets, matched, objects_negative_for_all=True)
+    torch.testing.assert_close(got, base + extra / 2)  # 2 foreground anchors in the batch
+
+
 def test_unmasked_equals_plain_focal_loss():
     from torchvision.ops import sigmoid_focal_loss
 

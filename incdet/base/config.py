@@ -164,6 +164,10 @@ DEFAULTS: dict[str, Any] = {
         "cls_distill": "sigmoid_kd",  # sigmoid_kd | l2
         "box_distill": "l2",  # l2 | smooth_l1 | none
         "anchors": "erd",  # which anchors are distilled: erd | topk | all
+        # an anchor matched to an annotated box: labels (every class but the box's is a negative
+        # there, also outside the image's label space, and the teacher is not distilled there)
+        # | teacher (the focal loss covers the label space only; the teacher is distilled there)
+        "labelled_anchors": "teacher",
         "topk": 100,  # anchors per image for anchors: topk
         "pseudo_labels": False,  # teacher's old-class detections become extra targets
         "pseudo_thresh": 0.5,  # score threshold for pseudo-labels

@@ -183,8 +183,11 @@ def replay_weight(cfg: dict) -> float | None:
 def make_criterion(cfg: dict, student, teacher, plan: Plan, classes: ClassSpace,
                    sc: StepClasses, distill_new: bool = False):
     """``loss_fn(images, targets) -> {"loss_*": Tensor}`` for the step's method."""
+    # the criterion checks the key; without a teacher the labels decide anyway
+    labels_decide = teacher is not None and cfg["incremental"]["labelled_anchors"] == "labels"
     detection = DetectionLoss(cfg["loss"], student.box_coder, student.proposal_matcher,
-                              replay_weight(cfg) if plan.uses_memory and sc.step > 0 else None)
+                              replay_weight(cfg) if plan.uses_memory and sc.step > 0 else None,
+                              objects_negative_for_all=labels_decide)
     if teacher is None:
         def loss_fn(images, targets):
             head_outputs, anchors, targets_t, _ = forward_train(student, images, targets)

@@ -25,9 +25,10 @@ from torchvision.ops import box_iou
 from incdet.base.errors import check_choice
 from incdet.data.classes import ClassSpace, StepClasses
 from incdet.model.builder import forward_train
-from incdet.train.losses import DetectionLoss
+from incdet.train.losses import DetectionLoss, match_anchors
 
 ANCHOR_RULES = ("erd", "topk", "all")
+LABELLED_ANCHORS = ("labels", "teacher")
 CLS_FORMS = ("sigmoid_kd", "l2")
 BOX_FORMS = ("l2", "smooth_l1", "none")
 
@@ -143,8 +144,12 @@ class DistillationCriterion:
             start += len(g)
         self.num_old = start
         for key, allowed in (("anchors", ANCHOR_RULES), ("cls_distill", CLS_FORMS),
-                             ("box_distill", BOX_FORMS)):
+                             ("box_distill", BOX_FORMS), ("labelled_anchors", LABELLED_ANCHORS)):
             check_choice(f"incremental.{key}", icfg[key], allowed)
+        # labels: an anchor matched to an annotated box is what its label says (the detection
+        # loss makes every other class a negative there) and is not distilled; teacher: the
+        # loss covers the image's label space only and the teacher is distilled there too
+        self.labels_decide = icfg["labelled_anchors"] == "labels"
 
     @torch.no_grad()
     def teacher_outputs(self, image_list) -> dict:
@@ -161,8 +166,13 @@ class DistillationCriterion:
         if self.icfg["pseudo_labels"]:
             targets_t = pseudo_labels(self.teacher, t_out, anchors, image_list.image_sizes,
                                       targets_t, float(self.icfg["pseudo_thresh"]))
-        losses = self.detection(head_outputs, anchors, targets_t)
         mask = select_anchors(t_logits, self.icfg["anchors"], int(self.icfg["topk"]))
+        if self.labels_decide:
+            matched = match_anchors(self.detection.matcher, anchors, targets_t)
+            losses = self.detection(head_outputs, anchors, targets_t, matched)
+            mask = mask & (matched < 0)
+        else:
+            losses = self.detection(head_outputs, anchors, targets_t)
         # the selected anchors' indices, found once (one host synchronisation) for every term
         where = mask.nonzero(as_tuple=True)
         s_logits = head_outputs["cls_logits"]

@@ -195,11 +195,14 @@ class _FocalSum(torch.autograd.Function):
 
 def masked_focal_loss(cls_logits: torch.Tensor, targets: Sequence[dict], matched_idxs,
                       alpha: float = 0.25, gamma: float = 2.0,
-                      padded: PaddedTargets | None = None) -> torch.Tensor:
+                      padded: PaddedTargets | None = None,
+                      objects_negative_for_all: bool = False) -> torch.Tensor:
     """Sigmoid focal loss over (N, HWA, K) logits, restricted per image to its label space,
     normalised by the number of foreground anchors in the batch (the global batch under
     several processes, see :mod:`incdet.base.distributed`). ``matched_idxs``: (N, HWA), or a list of
-    (HWA,), as :func:`match_anchors` gives.
+    (HWA,), as :func:`match_anchors` gives. ``objects_negative_for_all``: an anchor matched to an
+    annotated box is a negative of every class but the box's, also outside the label space (the
+    label says what the object is; ``incremental.labelled_anchors: labels``).
 
     The value of torchvision's ``sigmoid_focal_loss`` times the mask, computed in float32 (at
     least) by :class:`_FocalSum`: a third of the operators, and only the logits and two masks
@@ -218,6 +221,8 @@ def masked_focal_loss(cls_logits: torch.Tensor, targets: Sequence[dict], matched
     # always count (a pseudo-label may be of a class outside the label space)
     negative = (matched != BETWEEN_THRESHOLDS)[:, :, None] & \
         label_space_mask(targets, k, device)[:, None, :]
+    if objects_negative_for_all:
+        negative = negative | fg[:, :, None]
     loss = _FocalSum.apply(cls_logits, positive, negative, float(alpha), float(gamma))
     return loss / global_count(fg.sum()).clamp(min=1.0)
 
@@ -298,12 +303,14 @@ class DetectionLoss:
     same whether or not memory images are in the batch (memory.replay_loss: separate).
     """
 
-    def __init__(self, lcfg: dict, box_coder, matcher, replay_weight: float | None = None):
+    def __init__(self, lcfg: dict, box_coder, matcher, replay_weight: float | None = None,
+                 objects_negative_for_all: bool = False):
         check_choice("loss.box", lcfg["box"], ("giou", "l1", "smooth_l1"))
         self.cfg = lcfg
         self.box_coder = box_coder
         self.matcher = matcher
         self.replay_weight = replay_weight
+        self.objects_negative_for_all = objects_negative_for_all  # see masked_focal_loss
 
     def __call__(self, head_outputs: dict, anchors, targets: list[dict],
                  matched_idxs=None) -> dict[str, torch.Tensor]:
@@ -335,7 +342,7 @@ class DetectionLoss:
         return {
             "loss_cls": masked_focal_loss(head_outputs["cls_logits"], targets, matched,
                                           self.cfg["focal_alpha"], self.cfg["focal_gamma"],
-                                          padded),
+                                          padded, self.objects_negative_for_all),
             "loss_box": box_regression_loss(head_outputs["bbox_regression"], anchors, targets,
                                             matched, self.box_coder, self.cfg["box"], padded),
         }
