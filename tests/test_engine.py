@@ -382,3 +382,37 @@ def test_resuming_right_after_an_epochs_last_batch_goes_on_with_the_next_epoch(t
     assert ends == [(1, 3), (2, 6)]
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1]
+
+
+def test_incremental_lr_scale_applies_to_the_steps_that_go_on_from_the_previous_model():
+    """incremental.lr_scale: incdet, finetune and branch at t >= 1 train at train.lr * scale;
+    step 0 and joint (a fresh model) at train.lr; the optimizer's groups carry it, the body's
+    group times train.backbone_lr_scale as well."""
+    from incdet.data.classes import ClassSpace
+    from incdet.experiment import methods
+    from incdet.train.engine import build_optimizer
+
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg["incremental"]["lr_scale"] = 0.25
+    cfg["train"]["backbone_lr_scale"] = 0.5
+    classes = ClassSpace([{"id": i, "name": n} for i, n in ((1, "a"), (2, "b"), (3, "c"))],
+                         "2+1")
+    lrs = {}
+    for method in ("incdet", "finetune", "branch", "joint"):
+        for t in (0, 1):
+            plan = methods.plan_step(method, classes, classes.step(t))
+            lrs[method, t] = methods.optimizer_settings(cfg, plan)["lr"]
+    base = cfg["train"]["lr"]
+    assert lrs == {("incdet", 0): base, ("finetune", 0): base, ("branch", 0): base,
+                   ("joint", 0): base, ("joint", 1): base, ("incdet", 1): base * 0.25,
+                   ("finetune", 1): base * 0.25, ("branch", 1): base * 0.25}
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Module()
+    model.backbone.body = torch.nn.Linear(2, 2)
+    model.head = torch.nn.Linear(2, 2)
+    plan = methods.plan_step("incdet", classes, classes.step(1))
+    optimizer = build_optimizer(model, methods.optimizer_settings(cfg, plan))
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == [base * 0.125, base * 0.25]
+    cfg["incremental"]["lr_scale"] = 0
+    with pytest.raises(UserError, match="incremental.lr_scale: 0.0 must be above 0"):
+        methods.optimizer_settings(cfg, plan)

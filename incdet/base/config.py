@@ -168,6 +168,9 @@ DEFAULTS: dict[str, Any] = {
         # there, also outside the image's label space, and the teacher is not distilled there)
         # | teacher (the focal loss covers the label space only; the teacher is distilled there)
         "labelled_anchors": "teacher",
+        # learning rate of a step that goes on from the previous model (incdet, finetune, branch
+        # at t >= 1) as a fraction of train.lr; step 0 and joint (a fresh model) train at train.lr
+        "lr_scale": 1.0,
         "topk": 100,  # anchors per image for anchors: topk
         "pseudo_labels": False,  # teacher's old-class detections become extra targets
         "pseudo_thresh": 0.5,  # score threshold for pseudo-labels

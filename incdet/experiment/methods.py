@@ -127,6 +127,17 @@ def plan_step(method: str, classes: ClassSpace, sc: StepClasses, memory: bool = 
     return Plan(sc.new, new_labels, uses_previous=True, uses_teacher=True, uses_memory=memory)
 
 
+def optimizer_settings(cfg: dict, plan: Plan) -> dict:
+    """The ``train`` settings a step's optimizer is built with: a step that goes on from the
+    previous model (``incdet``, ``finetune``, ``branch`` at t >= 1) trains at ``train.lr *
+    incremental.lr_scale``; step 0 and ``joint`` (a fresh model) at ``train.lr``."""
+    tcfg = cfg["train"]
+    scale = float(cfg["incremental"]["lr_scale"])
+    if not scale > 0:
+        raise UserError(f"incremental.lr_scale: {scale} must be above 0")
+    return dict(tcfg, lr=tcfg["lr"] * scale) if plan.uses_previous else tcfg
+
+
 def build_student(cfg: dict, sc: StepClasses, plan: Plan, previous: dict | None,
                   source: str = "previous checkpoint"):
     """The model to train at this step (on CPU; the caller moves it). ``source`` names

@@ -167,7 +167,7 @@ class StepRun:
                               device=device)
         student, loss_fn = build_models(cfg, classes, sc, plan, previous, prev_path, device)
         total_iters = methods.training_budget(cfg, classes, train_set.records, t, len(loader))
-        optimizer = build_optimizer(student, tcfg)
+        optimizer = build_optimizer(student, methods.optimizer_settings(cfg, plan))
         scheduler = build_scheduler(optimizer, tcfg, total_iters)
         if main:
             (work_dir / f"step_{t}").mkdir(parents=True, exist_ok=True)
