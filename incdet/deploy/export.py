@@ -105,6 +105,7 @@ def export(ckpt_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = load_detector(ckpt_path, "cpu")
+    model_cfg = with_defaults(model.incdet_config)["model"]
     meta = dict(model.incdet_meta, format=fmt, file=out.name,
                 source_checkpoint=str(ckpt_path))
     module = ExportModule(model, meta["category_ids"]).eval()
@@ -112,7 +113,7 @@ def export(ckpt_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
     tmp = out.with_name(out.name + ".tmp")
     try:
         if fmt == "state_dict":
-            got = _save_state_dict(model, tmp, images)
+            got = _save_state_dict(model, model_cfg, tmp, images)
         elif fmt == "torchscript":
             with quiet_warnings():
                 torch.jit.script(module).save(str(tmp))
@@ -136,23 +137,21 @@ def export(ckpt_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
     meta["checked_images"] = [list(img.shape[1:]) for img in images]
     if fmt == "state_dict":
         # what `import_detector --arch incdet` needs in the config's model section to rebuild it
-        meta["model"] = {k: v for k, v in with_defaults(model.incdet_config)["model"].items()
-                         if k != "weights"}
+        meta["model"] = {k: v for k, v in model_cfg.items() if k != "weights"}
     atomic_write_json(out.with_name(out.name + ".json"), meta)
     return meta
 
 
-def _save_state_dict(model: RetinaNet, path: Path, images: Sequence[torch.Tensor]) -> list:
+def _save_state_dict(model: RetinaNet, model_cfg: dict, path: Path,
+                     images: Sequence[torch.Tensor]) -> list:
     """Save ``model``'s state dict and rebuild it as a user would: the torchvision RetinaNet
     that the checkpoint's model settings describe (``import_detector --arch incdet``), the file
     loaded data-only. Returns that model's outputs on ``images``, to check against the eager
     model (a detector whose post-processing is not torchvision's, per-step caps or ``branch``
     towers, does not fit and is refused)."""
     torch.save(model.state_dict(), path)
-
-    model_cfg = dict(with_defaults(model.incdet_config)["model"])
     try:
-        rebuilt = load_torchvision(path, INCDET_ARCH, str(path), model_cfg)
+        rebuilt = load_torchvision(path, INCDET_ARCH, str(path), dict(model_cfg))
     except UserError as err:
         raise UserError(f"--format state_dict: this detector is not a plain torchvision "
                         f"RetinaNet ({err}); export torchscript or onnx instead") from None

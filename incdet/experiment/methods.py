@@ -194,8 +194,8 @@ def replay_weight(cfg: dict) -> float | None:
 def make_criterion(cfg: dict, student, teacher, plan: Plan, classes: ClassSpace,
                    sc: StepClasses, distill_new: bool = False):
     """``loss_fn(images, targets) -> {"loss_*": Tensor}`` for the step's method."""
-    # the criterion checks the key; without a teacher the labels decide anyway
-    labels_decide = teacher is not None and cfg["incremental"]["labelled_anchors"] == "labels"
+    # incremental.labelled_anchors; without a teacher only the labels train anyway
+    labels_decide = teacher is not None and DistillationCriterion.labels_decide_for(cfg)
     detection = DetectionLoss(cfg["loss"], student.box_coder, student.proposal_matcher,
                               replay_weight(cfg) if plan.uses_memory and sc.step > 0 else None,
                               objects_negative_for_all=labels_decide)

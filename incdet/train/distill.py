@@ -144,12 +144,21 @@ class DistillationCriterion:
             start += len(g)
         self.num_old = start
         for key, allowed in (("anchors", ANCHOR_RULES), ("cls_distill", CLS_FORMS),
-                             ("box_distill", BOX_FORMS), ("labelled_anchors", LABELLED_ANCHORS)):
+                             ("box_distill", BOX_FORMS)):
             check_choice(f"incremental.{key}", icfg[key], allowed)
-        # labels: an anchor matched to an annotated box is what its label says (the detection
-        # loss makes every other class a negative there) and is not distilled; teacher: the
-        # loss covers the image's label space only and the teacher is distilled there too
-        self.labels_decide = icfg["labelled_anchors"] == "labels"
+        # incremental.labelled_anchors: labels (see labels_decide) makes the detection loss treat
+        # an anchor matched to an annotated box as a negative of every other class; such an
+        # anchor is then not distilled. The detection loss carries the one decision.
+        self.labels_decide = detection.objects_negative_for_all
+
+    @staticmethod
+    def labels_decide_for(cfg: dict) -> bool:
+        """``incremental.labelled_anchors``, checked: True for ``labels`` (an anchor matched to an
+        annotated box is what its label says), False for ``teacher`` (the loss covers the
+        image's label space only and the teacher is distilled there too)."""
+        value = cfg["incremental"]["labelled_anchors"]
+        check_choice("incremental.labelled_anchors", value, LABELLED_ANCHORS)
+        return value == "labels"
 
     @torch.no_grad()
     def teacher_outputs(self, image_list) -> dict:
@@ -166,13 +175,12 @@ class DistillationCriterion:
         if self.icfg["pseudo_labels"]:
             targets_t = pseudo_labels(self.teacher, t_out, anchors, image_list.image_sizes,
                                       targets_t, float(self.icfg["pseudo_thresh"]))
+        matched = match_anchors(self.detection.matcher, anchors, targets_t) \
+            if self.labels_decide else None  # else the detection loss matches them itself
+        losses = self.detection(head_outputs, anchors, targets_t, matched)
         mask = select_anchors(t_logits, self.icfg["anchors"], int(self.icfg["topk"]))
-        if self.labels_decide:
-            matched = match_anchors(self.detection.matcher, anchors, targets_t)
-            losses = self.detection(head_outputs, anchors, targets_t, matched)
+        if matched is not None:
             mask = mask & (matched < 0)
-        else:
-            losses = self.detection(head_outputs, anchors, targets_t)
         # the selected anchors' indices, found once (one host synchronisation) for every term
         where = mask.nonzero(as_tuple=True)
         s_logits = head_outputs["cls_logits"]
